@@ -1,0 +1,151 @@
+"""Every error `pipeline` raises or records, in two families.
+
+Failures of the run are exceptions; they stop the job and map to an exit code:
+
+    PipelineError                 exit_code
+    ├── JobError                  2   bad job file, input or template; nothing was sent
+    │   ├── SpecError                 the job file
+    │   ├── InputError                the input table
+    │   └── TemplateError             the templates
+    ├── BudgetReached             3   --max-cost reached
+    ├── Halted                    4   the API says stop: auth, quota, unknown model, URL
+    ├── OutputError               1   the output or checkpoint cannot be written
+    └── Interrupted             130   SIGINT / SIGTERM
+
+Failures of one request are values. Dispatch classifies every attempt into a
+`RequestFailure` whose class says what happens next; retrying is a class property,
+never a match on a message:
+
+    RequestFailure
+    ├── Retryable                 send again after backoff
+    │   ├── ConnectFailed             never reached the server: nothing billed
+    │   ├── ReadFailed                sent, no usable answer: possibly billed
+    │   ├── ServerError               408, 409, 5xx, 529
+    │   └── RateLimited               429 rate_limit_exceeded: pause every worker
+    ├── RowFailed                 this row fails, no retry (400, 413, 422, too large)
+    │   ├── RowRejected               never sent: a null the job forbids, a template error
+    │   └── ResponseInvalid           answered, but not JSON / not matching the schema
+    └── Fatal                     halt the run at the first one (401, 403, 404, quota)
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """A failure of the whole run, shown as one line and an exit code."""
+
+    exit_code = 1
+
+
+class JobError(PipelineError):
+    exit_code = 2
+
+
+class SpecError(JobError):
+    pass
+
+
+class InputError(JobError):
+    pass
+
+
+class TemplateError(JobError):
+    pass
+
+
+class BudgetReached(PipelineError):
+    exit_code = 3
+
+
+class Halted(PipelineError):
+    exit_code = 4
+
+
+class OutputError(PipelineError):
+    exit_code = 1
+
+
+class Interrupted(PipelineError):
+    exit_code = 130
+
+
+class RequestFailure(Exception):
+    """One attempt's failure. `kind` is the short name written to `error_type`."""
+
+    kind = "error"
+    retryable = False
+    #: The request may have reached the model and been billed.
+    maybe_billed = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        no_retry: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        #: Seconds the server asked us to wait, if it said.
+        self.retry_after = retry_after
+        #: The server sent `x-should-retry: false`.
+        self.no_retry = no_retry
+
+    @property
+    def should_retry(self) -> bool:
+        return self.retryable and not self.no_retry
+
+
+class Retryable(RequestFailure):
+    retryable = True
+
+
+class ConnectFailed(Retryable):
+    kind = "connect"
+    maybe_billed = False
+
+
+class ReadFailed(Retryable):
+    kind = "read"
+
+
+class ServerError(Retryable):
+    kind = "server"
+    maybe_billed = False
+
+    def __init__(self, message: str, *, slow_down: bool = False, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        #: 503 "slow down" or 529 overloaded: the rate should drop too.
+        self.slow_down = slow_down
+
+
+class RateLimited(Retryable):
+    kind = "rate_limit"
+    maybe_billed = False
+
+
+class RowFailed(RequestFailure):
+    kind = "invalid_request"
+    maybe_billed = False
+
+
+class RowRejected(RowFailed):
+    """The row could not be made into a request (a null the job forbids, a template error)."""
+
+    kind = "invalid_row"
+
+
+class ResponseInvalid(RowFailed):
+    """The answer arrived but does not satisfy the job (JSON schema, empty content)."""
+
+    kind = "invalid_response"
+    maybe_billed = True
+    #: The answer that failed, kept so its text, usage and cost are recorded.
+    answer: object = None
+
+
+class Fatal(RequestFailure):
+    kind = "fatal"
+    maybe_billed = False
