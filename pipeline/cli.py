@@ -1,0 +1,172 @@
+"""The `pipeline` command. Commands parse options and call the library; a
+`PipelineError` becomes one line on stderr and its exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+from pipeline.journal import Journal
+from pipeline.progress import summary_table
+from pipeline.run import Plan, RunOptions, execute, fingerprint, make_plan
+from pipeline.spec import load_job
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _errors_to_exit(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PipelineError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.version_option(__version__, prog_name="pipeline")
+def main() -> None:
+    """Run bulk AI jobs against OpenAI-style APIs: rate-limited, resumable, costed."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+
+
+_job = click.argument("job", type=click.Path(path_type=Path, dir_okay=False))
+_positive = click.IntRange(min=1)
+
+
+def _plan_options(func: F) -> F:
+    options = [
+        click.option("--input", "input_", type=click.Path(path_type=Path), help="Input table."),
+        click.option("--output", type=click.Path(path_type=Path), help="Output .parquet/.csv."),
+        click.option("--base-url", help="OpenAI-compatible API base URL (…/v1)."),
+        click.option("--model", help="Model name, instead of the job's."),
+        click.option("--limit", type=_positive, help="Only the first N rows."),
+        click.option("--simulate", is_flag=True, help="Run against the built-in simulator."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command()
+@_job
+@_plan_options
+@click.option("--rpm", type=_positive, help="Requests per minute.")
+@click.option("--tpm", type=_positive, help="Tokens per minute.")
+@click.option("--concurrency", type=_positive, help="Requests in flight at most.")
+@click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), help="Budget in USD.")
+@click.option("--fresh", is_flag=True, help="Discard the checkpoint and start over.")
+@click.option("--journal", type=click.Path(path_type=Path), help="Checkpoint file location.")
+@_errors_to_exit
+def run(job: Path, input_: Path | None, **flags: Any) -> None:
+    """Send every row of JOB's input not yet done; write the output table."""
+    plan = make_plan(load_job(job), RunOptions(input=input_, **flags))
+    click.echo(f"{plan.job.name}: {plan.rows:,} rows from {plan.source.path}", err=True)
+    report = asyncio.run(execute(plan))
+    s = report.summary
+    summary_table(
+        f"{plan.job.name}: {s['ok']:,} ok, {s['failed']:,} failed, {s['pending']:,} pending",
+        [
+            ("output", s["output"]),
+            ("rows", f"{s['rows']:,} ({s['resumed']:,} done by an earlier run)"),
+            (
+                "requests",
+                f"{s['requests_sent']:,} sent, {s['retries']:,} retried, "
+                f"{s['rate_limited']:,} rate-limited",
+            ),
+            ("tokens", f"{s['prompt_tokens']:,} prompt, {s['completion_tokens']:,} completion"),
+            ("cost", f"${s['cost_usd']:.6f} ({s['price_source']})"),
+            ("cut off", f"{s['cut_off_by_max_tokens']:,} rows hit max_tokens"),
+            ("time", f"{s['duration_s']:.1f} s"),
+            ("checkpoint", s["journal"]),
+        ],
+        sys.stdout,
+    )
+    if report.message:
+        click.echo(f"error: {report.message}" if report.exit_code else report.message, err=True)
+    sys.exit(report.exit_code)
+
+
+@main.command()
+@_job
+@_plan_options
+@click.option("--rows", "shown", default=3, show_default=True, help="Rows to render.")
+@_errors_to_exit
+def validate(job: Path, input_: Path | None, shown: int, **flags: Any) -> None:
+    """Check JOB, its input and its templates, and render the first rows. Sends nothing."""
+    plan = make_plan(load_job(job), RunOptions(input=input_, **flags))
+    click.echo(f"job {plan.job.name}: ok")
+    click.echo(
+        f"input {plan.source.path}: {plan.rows:,} rows, columns {', '.join(plan.source.columns)}"
+    )
+    click.echo(f"model {plan.job.request.model}, prices from {plan.pricer.source}")
+    click.echo(f"output {plan.output}")
+    _show_rows(plan, shown)
+
+
+def _show_rows(plan: Plan, shown: int) -> None:
+    for row in plan.source.head(shown).iter_rows(named=True):
+        click.echo(f"\n--- row {row['__row']} ---")
+        try:
+            for message in plan.renderer.messages(row):
+                click.echo(f"[{message['role']}] {message['content']}")
+        except Exception as exc:  # a row-level render failure is shown, not raised
+            click.echo(f"(this row would fail: {exc})")
+
+
+@main.command()
+@_job
+@click.option("--output", type=click.Path(path_type=Path), help="Output the run wrote to.")
+@click.option("--journal", type=click.Path(path_type=Path), help="Checkpoint file location.")
+@_errors_to_exit
+def status(job: Path, output: Path | None, journal: Path | None) -> None:
+    """What JOB's checkpoint holds: rows done, failed, pending, cost so far."""
+    plan = make_plan(load_job(job), RunOptions(output=output, journal=journal, simulate=True))
+    if not plan.journal_path.exists():
+        click.echo(f"no checkpoint at {plan.journal_path}: the job has not run yet")
+        return
+    checkpoint = Journal.open(plan.journal_path, fingerprint(plan), fresh=False)
+    try:
+        t = checkpoint.totals()
+    finally:
+        checkpoint.close()
+    pending = plan.rows - t.ok - t.failed
+    click.echo(
+        f"{plan.job.name}: {t.ok:,} ok, {t.failed:,} failed, {pending:,} pending "
+        f"of {plan.rows:,}; ${t.cost_usd:.6f} spent ({plan.journal_path})"
+    )
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--rpm", type=_positive, help="Requests per minute the server allows.")
+@click.option("--tpm", type=_positive, help="Tokens per minute the server allows.")
+@click.option("--latency-ms", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--fault-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1))
+@click.option(
+    "--faults",
+    default="500,503,reset,truncated,malformed",
+    show_default=True,
+    help="Comma-separated fault kinds drawn when a fault is injected.",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--api-key", envvar="PIPELINE_SIMULATOR_KEY", help="Require this bearer key.")
+def simulate(host: str, port: int, faults: str, **config: Any) -> None:
+    """Serve an OpenAI-compatible simulator (chat, embeddings, models)."""
+    from pipeline.simulator import SimConfig, serve
+
+    kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
+    serve(SimConfig(faults=kinds, **config), host=host, port=port)

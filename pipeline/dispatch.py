@@ -1,0 +1,205 @@
+"""A fixed pool of workers sends requests under the limits and retries what deserves it.
+
+    dispatcher = Dispatcher(transport, endpoint, limiter, RetryPolicy(max_attempts=6), check)
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(concurrency):
+            tg.create_task(dispatcher.worker(inbox, outbox))
+
+Workers pull `Work` from a bounded queue (a full queue is the producer's backpressure)
+and push one `Outcome` per row. A failed row is an Outcome, not an exception. A failure
+of the run (auth, quota, a stop asked for) sets `stopped`: workers finish the attempt in
+hand, leave the rest unsent (pending, for a later resume) and drain their queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import orjson
+
+from pipeline.endpoints import Answer, Endpoint, HttpRequest, HttpResponse
+from pipeline.errors import (
+    Fatal,
+    Halted,
+    PipelineError,
+    RateLimited,
+    ReadFailed,
+    RequestFailure,
+    ResponseInvalid,
+    RowFailed,
+)
+from pipeline.limits import Limiter
+from pipeline.transport import Transport, classify
+
+#: When this many rows in a row fail with the same client error, the job is wrong, not
+#: the rows: halt rather than fail (and perhaps pay for) every row the same way.
+SAME_ERROR_HALT = 25
+#: 429s a row may meet (each followed by the server's wait) before it counts them as
+#: attempts: generous, since they cost nothing, but bounded.
+MAX_RATE_LIMITED = 50
+
+
+@dataclass(slots=True)
+class Work:
+    row: int
+    request: HttpRequest
+    #: Estimated cost against the TPM limit: prompt tokens plus max output tokens.
+    tokens: int
+
+
+@dataclass(slots=True)
+class Outcome:
+    row: int
+    answer: Answer | None
+    failure: RequestFailure | None
+    attempts: int
+    http_status: int | None = None
+    latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    backoff_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+    def delay(self, attempt: int, failure: RequestFailure, rng: random.Random) -> float:
+        """Exponential backoff with jitter; never sooner than the server asked."""
+        ceiling = min(self.backoff_max_s, self.backoff_s * 2.0 ** (attempt - 1))
+        jittered = ceiling / 2 + rng.uniform(0, ceiling / 2)
+        return max(jittered, failure.retry_after or 0.0)
+
+
+@dataclass
+class DispatchStats:
+    """Counters owned by the dispatcher; progress reads them."""
+
+    sent: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    #: Retries after a failure that may have reached the model (possibly billed twice).
+    maybe_billed_retries: int = 0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        transport: Transport,
+        endpoint: Endpoint,
+        limiter: Limiter,
+        policy: RetryPolicy,
+        check: Callable[[Answer], None],
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        seed: int | None = None,
+    ) -> None:
+        self._transport = transport
+        self._endpoint = endpoint
+        self._limiter = limiter
+        self._policy = policy
+        self._check = check
+        self._sleep = sleep
+        self._rng = random.Random(seed)
+        self._same_error: tuple[str, int] = ("", 0)
+        self.stats = DispatchStats()
+        #: Why the run stopped early, if it did.
+        self.stop_reason: PipelineError | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_reason is not None
+
+    def stop(self, reason: PipelineError) -> None:
+        """Stop taking rows. The first reason wins: it is the one the user must act on."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    async def worker(
+        self, inbox: asyncio.Queue[Work | None], outbox: asyncio.Queue[Outcome | None]
+    ) -> None:
+        """Serve `inbox` until its `None`; one Outcome per row sent, none for rows left."""
+        while (work := await inbox.get()) is not None:
+            if self.stopped:
+                continue  # drain: the row stays pending in the journal
+            outcome = await self.send(work)
+            if outcome is not None:
+                await outbox.put(outcome)
+
+    async def send(self, work: Work) -> Outcome | None:
+        """All attempts for one row. None when the run stopped before the row was done."""
+        sends = tries = 0  # tries: the sends that count against max_attempts
+        while True:
+            await self._limiter.acquire(work.tokens)
+            if self.stopped:
+                return None
+            sends += 1
+            outcome = await self._attempt(work, sends)
+            failure = outcome.failure
+            if failure is None:
+                self._same_error = ("", 0)
+                return outcome
+            if isinstance(failure, Fatal):
+                self.stop(Halted(failure.message))
+                return None
+            if isinstance(failure, RateLimited) and sends - tries <= MAX_RATE_LIMITED:
+                # The server said when to come back and billed nothing: every worker
+                # waits (in acquire), and the wait does not use up the row's attempts.
+                self.stats.rate_limited += 1
+                self._limiter.pause(failure.retry_after or self._policy.backoff_s)
+            else:
+                tries += 1
+                if not failure.should_retry or tries >= self._policy.max_attempts:
+                    self._watch_repeats(failure)
+                    return outcome
+                await self._sleep(self._policy.delay(tries, failure, self._rng))
+            self.stats.retries += 1
+            self.stats.maybe_billed_retries += failure.maybe_billed
+
+    async def _attempt(self, work: Work, attempt: int) -> Outcome:
+        started = time.perf_counter()
+        self.stats.sent += 1
+        response: HttpResponse | None = None
+        try:
+            response = await self._transport.send(work.request)
+            failure = classify(response, self._endpoint, request_tokens=work.tokens)
+            answer = self._read(response) if failure is None else None
+        except RequestFailure as exc:
+            failure, answer = exc, None
+        latency = (time.perf_counter() - started) * 1000.0
+        status = response.status if response is not None else None
+        return Outcome(work.row, answer, failure, attempt, status, latency)
+
+    def _read(self, response: HttpResponse) -> Answer:
+        try:
+            data = orjson.loads(response.body)
+            answer = self._endpoint.answer(data, response.headers)
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ReadFailed(
+                f"HTTP {response.status} with a body that does not parse: {exc}"
+            ) from None
+        try:
+            self._check(answer)
+        except ResponseInvalid as exc:
+            exc.answer = answer
+            raise
+        return answer
+
+    def _watch_repeats(self, failure: RequestFailure) -> None:
+        if not isinstance(failure, RowFailed) or failure.status is None:
+            self._same_error = ("", 0)
+            return
+        signature = f"{failure.status}:{failure.message[:200]}"
+        count = self._same_error[1] + 1 if self._same_error[0] == signature else 1
+        self._same_error = (signature, count)
+        if count >= SAME_ERROR_HALT:
+            self.stop(
+                Halted(
+                    f"the last {count} rows all failed with the same error ({failure.message}); "
+                    "the request itself is wrong, not the rows: check the job's request "
+                    "parameters and model, then run again (done rows are kept)"
+                )
+            )

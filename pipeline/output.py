@@ -1,0 +1,166 @@
+"""Journal + input -> the output table, in input order, written atomically.
+
+    rows = write_output(Path("out/x.parquet"), batches, journal, fields=None, prefix="",
+                        metadata={"pipeline.version": "0.1.0"})
+
+One output row per input row: the input columns unchanged, then the result columns.
+A row with no result yet (the run stopped early) has status "pending". The table is
+built batch by batch, so memory does not grow with the input, into a temporary file
+that replaces the target only once it is complete and on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+import pyarrow.parquet as pq
+
+from pipeline.errors import OutputError
+from pipeline.journal import Journal
+from pipeline.parse import FIELDS_AFTER, RESULT_SCHEMA
+from pipeline.source import ROW_INDEX
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+def output_format(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise OutputError(
+            f"cannot tell the output format of {path}: use a .parquet or .csv file name"
+        )
+    return fmt
+
+
+def write_output(
+    path: Path,
+    batches: Iterable[pl.DataFrame],
+    journal: Journal,
+    *,
+    fields: pl.Struct | None,
+    prefix: str,
+    metadata: Mapping[str, str],
+) -> int:
+    """Write the output; return its row count. The old file stays until the new is whole."""
+    fmt = output_format(path)
+    frames = (_with_results(b, journal, fields, prefix) for b in batches)
+    writer = _write_parquet if fmt == "parquet" else _write_csv
+    return atomic_write(path, lambda tmp: writer(tmp, frames, metadata))
+
+
+def _with_results(
+    batch: pl.DataFrame, journal: Journal, fields: pl.Struct | None, prefix: str
+) -> pl.DataFrame:
+    rows = batch.get_column(ROW_INDEX)
+    results = journal.results(int(rows.min() or 0), int(rows.max() or 0))  # type: ignore[arg-type]
+    joined = batch.join(
+        results, left_on=ROW_INDEX, right_on="row", how="left", maintain_order="left"
+    ).with_columns(pl.col("status").fill_null("pending"))
+    if fields is not None:
+        joined = _decode_fields(joined, fields)
+    names = [c for c in joined.columns if c not in batch.columns]
+    return joined.drop(ROW_INDEX).rename({c: prefix + c for c in names})
+
+
+def _decode_fields(frame: pl.DataFrame, fields: pl.Struct) -> pl.DataFrame:
+    """A JSON answer's fields as typed columns, after `response`; null where not ok."""
+    decoded = (
+        pl.when(pl.col("status") == "ok")
+        .then(pl.col("response"))
+        .str.json_decode(fields)
+        .alias("__fields")
+    )
+    frame = frame.with_columns(decoded).unnest("__fields")
+    names = [f.name for f in fields.fields]
+    columns = [c for c in frame.columns if c not in names]
+    at = columns.index(FIELDS_AFTER) + 1
+    return frame.select([*columns[:at], *names, *columns[at:]])
+
+
+def _write_parquet(tmp: Path, frames: Iterator[pl.DataFrame], metadata: Mapping[str, str]) -> int:
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        for frame in frames:
+            table = frame.to_arrow()
+            if writer is None:
+                schema = table.schema.with_metadata(dict(metadata))
+                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+            writer.write_table(table.cast(writer.schema))
+            rows += frame.height
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise OutputError("the input has no rows: nothing to write")
+    return rows
+
+
+def _write_csv(tmp: Path, frames: Iterator[pl.DataFrame], metadata: Mapping[str, str]) -> int:
+    rows = 0
+    with open(tmp, "wb") as handle:
+        for frame in frames:
+            _flat(frame).write_csv(handle, include_header=rows == 0)
+            rows += frame.height
+    return rows
+
+
+def _flat(frame: pl.DataFrame) -> pl.DataFrame:
+    """CSV has no nested values: lists and structs become JSON text."""
+    nested = [c for c, t in frame.schema.items() if isinstance(t, pl.List | pl.Struct | pl.Array)]
+    return frame.with_columns(
+        pl.Series(c, [_json(v) for v in frame.get_column(c).to_list()], dtype=pl.String)
+        for c in nested
+    )
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def atomic_write(path: Path, write: Callable[[Path], int]) -> int:
+    """Run `write(tmp)`, fsync, then rename over `path`: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return result
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    def write(tmp: Path) -> int:
+        tmp.write_bytes(data)
+        return len(data)
+
+    atomic_write(path, write)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def result_columns(fields: pl.Struct | None, prefix: str) -> list[str]:
+    """The result column names of the output, in order (for collision checks)."""
+    names = list(RESULT_SCHEMA)
+    if fields is not None:
+        at = names.index(FIELDS_AFTER) + 1
+        names[at:at] = [f.name for f in fields.fields]
+    return [prefix + n for n in names]

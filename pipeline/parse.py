@@ -1,0 +1,207 @@
+"""Response -> result columns: the answer text, a JSON answer's typed fields, usage.
+
+    check = AnswerCheck(schema)          # once per run
+    check(answer)                        # per row: raises ResponseInvalid if it does not fit
+    fields_dtype(schema)                 # the polars Struct the JSON fields decode to
+
+A JSON answer is validated when it arrives, so a row whose answer breaks the schema is
+a failed row (keeping the raw text), not a surprise when the output is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import polars as pl
+from jsonschema import Draft202012Validator
+
+from pipeline.endpoints import Answer
+from pipeline.errors import ResponseInvalid
+
+if TYPE_CHECKING:
+    from pipeline.cost import Pricer
+    from pipeline.dispatch import Outcome
+
+#: The result columns every output has, after the input columns, with their types.
+RESULT_SCHEMA: dict[str, pl.DataType] = {
+    "status": pl.String(),
+    "error_type": pl.String(),
+    "error": pl.String(),
+    "http_status": pl.Int32(),
+    "attempts": pl.Int32(),
+    "finish_reason": pl.String(),
+    "response": pl.String(),
+    "prompt_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "cached_tokens": pl.Int64(),
+    "reasoning_tokens": pl.Int64(),
+    "cost_usd": pl.Float64(),
+    "latency_ms": pl.Float64(),
+    "request_id": pl.String(),
+    "model": pl.String(),
+}
+#: Where a JSON answer's fields go, between `response` and the usage columns.
+FIELDS_AFTER = "response"
+
+
+@dataclass(slots=True)
+class RowResult:
+    """One row's result, as stored and as written to the output."""
+
+    row: int
+    status: str
+    error_type: str | None = None
+    error: str | None = None
+    http_status: int | None = None
+    attempts: int = 0
+    finish_reason: str | None = None
+    response: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cost_usd: float | None = None
+    latency_ms: float | None = None
+    request_id: str | None = None
+    model: str | None = None
+
+
+def to_result(outcome: Outcome, pricer: Pricer) -> RowResult:
+    """The stored result of one row: its answer's columns, or its failure's, or both."""
+    failure = outcome.failure
+    answer = outcome.answer
+    if answer is None and isinstance(failure, ResponseInvalid):
+        answer = failure.answer  # type: ignore[assignment]
+    result = RowResult(
+        row=outcome.row,
+        status="ok" if failure is None else "failed",
+        attempts=outcome.attempts,
+        http_status=outcome.http_status,
+        latency_ms=outcome.latency_ms,
+    )
+    if failure is not None:
+        result.error_type, result.error = failure.kind, failure.message
+    if isinstance(answer, Answer):
+        _fill_answer(result, answer, pricer)
+    return result
+
+
+def _fill_answer(result: RowResult, answer: Answer, pricer: Pricer) -> None:
+    usage = answer.usage
+    result.finish_reason = answer.finish_reason
+    result.response = answer.text
+    if answer.text is None and answer.extra:
+        result.response = orjson.dumps(answer.extra).decode()
+    result.prompt_tokens = usage.prompt_tokens
+    result.completion_tokens = usage.completion_tokens
+    result.cached_tokens = usage.cached_tokens
+    result.reasoning_tokens = usage.reasoning_tokens
+    # A failed answer (bad JSON) was still generated, and billed.
+    result.cost_usd = pricer.cost(usage)
+    result.request_id = answer.request_id
+    result.model = answer.model
+
+
+class AnswerCheck:
+    """Does an answer satisfy the job? JSON modes need a JSON object; a schema, a match."""
+
+    def __init__(self, schema: dict[str, Any] | None, *, json_object: bool = False) -> None:
+        self._validator = Draft202012Validator(schema) if schema is not None else None
+        self._json = json_object or schema is not None
+
+    def __call__(self, answer: Answer) -> None:
+        if answer.text is None:
+            refusal = answer.extra.get("refusal")
+            if refusal:
+                raise ResponseInvalid(f"the model refused: {refusal}")
+            if not answer.extra.get("tool_calls"):
+                raise ResponseInvalid("the answer has no content")
+            return
+        if not self._json:
+            return
+        try:
+            value = orjson.loads(answer.text)
+        except orjson.JSONDecodeError as exc:
+            cut = " (cut off by max_tokens)" if answer.finish_reason == "length" else ""
+            raise ResponseInvalid(f"the answer is not valid JSON{cut}: {exc}") from None
+        if self._validator is None:
+            if not isinstance(value, dict):
+                raise ResponseInvalid("the answer is JSON but not an object")
+            return
+        error = next(iter(self._validator.iter_errors(value)), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            raise ResponseInvalid(
+                f"the answer does not match the schema at {where}: {error.message}"
+            )
+
+
+def strict_schema_problem(schema: Any, where: str = "(root)") -> str | None:
+    """Why OpenAI would refuse `schema` in strict mode, or None.
+
+    Strict structured outputs need every object to list all its properties in
+    `required` and to set `additionalProperties: false`; the API answers 400 otherwise,
+    on every row. Found here, it costs nothing.
+    """
+    if not isinstance(schema, dict):
+        return None
+    if schema.get("type") == "object" or "properties" in schema:
+        props = schema.get("properties") or {}
+        if schema.get("additionalProperties") is not False:
+            return f'{where}: set "additionalProperties": false'
+        missing = sorted(set(props) - set(schema.get("required") or ()))
+        if missing:
+            return (
+                f'{where}: list every property in "required" (missing: {", ".join(missing)}); '
+                'make optional ones nullable, e.g. "type": ["string", "null"]'
+            )
+        for name, sub in props.items():
+            if problem := strict_schema_problem(sub, f"{where}/{name}"):
+                return problem
+    for key in ("items", "anyOf", "oneOf", "allOf", "$defs", "definitions"):
+        sub = schema.get(key)
+        subs = (
+            sub.values()
+            if isinstance(sub, dict) and key in ("$defs", "definitions")
+            else (sub if isinstance(sub, list) else [sub])
+        )
+        for item in subs:
+            if problem := strict_schema_problem(item, f"{where}/{key}"):
+                return problem
+    return None
+
+
+def fields_dtype(schema: dict[str, Any]) -> pl.Struct:
+    """The polars type a JSON answer decodes to, from its schema's properties."""
+    dtype = _dtype(schema)
+    if not isinstance(dtype, pl.Struct):
+        raise ValueError("a JSON schema for structured output must describe an object")
+    return dtype
+
+
+def _dtype(schema: dict[str, Any]) -> pl.DataType:
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if kind is None:
+        options = schema.get("anyOf") or schema.get("oneOf") or []
+        typed = [o for o in options if isinstance(o, dict) and o.get("type") != "null"]
+        if typed:
+            return _dtype(typed[0])
+        kind = "string"
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return pl.Struct({name: _dtype(sub) for name, sub in props.items()})
+    if kind == "array":
+        return pl.List(_dtype(schema.get("items") or {}))
+    return _SCALARS.get(kind, pl.String())
+
+
+_SCALARS: dict[str, pl.DataType] = {
+    "string": pl.String(),
+    "integer": pl.Int64(),
+    "number": pl.Float64(),
+    "boolean": pl.Boolean(),
+}

@@ -1,0 +1,134 @@
+"""What a person watching sees: a live bar on a terminal, a plain line every few seconds
+in CI or cron, and a summary table at the end.
+
+The counters have one owner each (the journal writer for rows, the dispatcher for
+requests); the display only reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pipeline.dispatch import DispatchStats
+
+log = logging.getLogger("pipeline")
+
+#: How often the plain (non-terminal) display prints a line.
+PLAIN_INTERVAL_S = 5.0
+
+
+@dataclass
+class Counters:
+    """Rows committed in this run; owned by the journal writer."""
+
+    total: int
+    #: Rows already done by an earlier run, skipped.
+    resumed: int = 0
+    ok: int = 0
+    failed: int = 0
+    cut_off: int = 0  # finish_reason "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def describe(c: Counters, stats: DispatchStats) -> str:
+    minutes = max(c.elapsed, 1e-9) / 60
+    tokens = (c.prompt_tokens + c.completion_tokens) / minutes
+    return (
+        f"{c.ok:,} ok, {c.failed:,} failed · {stats.sent / max(c.elapsed, 1e-9):,.1f} req/s · "
+        f"{tokens:,.0f} tok/min · ${c.cost_usd:,.4f}"
+    )
+
+
+class Display:
+    """Shows progress until closed. `async with Display(...)` around the run."""
+
+    def __init__(self, counters: Counters, stats: DispatchStats, stream: TextIO | None = None):
+        self._counters = counters
+        self._stats = stats
+        self._stream = stream or sys.stderr
+        self._live = self._stream.isatty()
+        self._task: asyncio.Task[None] | None = None
+        self._bar: Progress | None = None
+        self._bar_id: TaskID | None = None
+
+    async def __aenter__(self) -> Display:
+        if self._live:
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed:,}/{task.total:,}"),
+                TextColumn("{task.fields[line]}"),
+                TimeRemainingColumn(),
+                console=Console(file=self._stream),
+                transient=False,
+            )
+            self._bar.start()
+            self._bar_id = self._bar.add_task("rows", total=self._counters.total, line="")
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._refresh()
+        if self._bar is not None:
+            self._bar.stop()
+
+    async def _loop(self) -> None:
+        interval = 0.25 if self._live else PLAIN_INTERVAL_S
+        while True:
+            await asyncio.sleep(interval)
+            self._refresh()
+
+    def _refresh(self) -> None:
+        c = self._counters
+        done = c.resumed + c.done
+        if self._bar is not None and self._bar_id is not None:
+            self._bar.update(self._bar_id, completed=done, line=describe(c, self._stats))
+            return
+        rate = c.done / max(c.elapsed, 1e-9)
+        left = (c.total - done) / rate if rate > 0 else float("inf")
+        eta = f"ETA {_duration(left)}" if left != float("inf") else "ETA -"
+        percent = 100 * done / max(c.total, 1)
+        print(
+            f"{done:,}/{c.total:,} rows ({percent:.0f}%) · {describe(c, self._stats)} · {eta}",
+            file=self._stream,
+            flush=True,
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def summary_table(title: str, rows: Sequence[tuple[str, str]], stream: TextIO) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for name, value in rows:
+        table.add_row(name, value)
+    Console(file=stream, soft_wrap=True).print(table)

@@ -1,0 +1,286 @@
+"""The job file: TOML in, a frozen, validated `Job` out.
+
+    job = load_job(Path("jobs/summarise.toml"))
+    job.request.model            # "gpt-4o-mini"
+    job.input.path               # absolute: relative paths resolve against the job file
+
+Every key is checked once, here. An unknown key is an error that names the key and
+the nearest valid one; a missing required key says what to write.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import SpecError
+
+#: Concurrent requests when the job does not say: enough to saturate typical tier limits
+#: at a few hundred ms per answer, few enough to be polite to a self-hosted server.
+DEFAULT_CONCURRENCY = 16
+#: Attempts per row before it is recorded as failed (1 try + 5 retries).
+DEFAULT_MAX_ATTEMPTS = 6
+#: Deadline for one attempt, connect to last byte. Long answers from slow models fit.
+DEFAULT_TIMEOUT_S = 120.0
+#: Reaching the server should be quick; a dead host must not hold a worker for minutes.
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class InputSpec(_Strict):
+    path: Path
+    format: Literal["csv", "parquet", "ndjson"] | None = None
+    #: A column whose values identify rows; without it the row's position is its key.
+    key: str | None = None
+
+
+class OutputSpec(_Strict):
+    #: Parquet or CSV, by extension. Default: out/<job name>.parquet under the working dir.
+    path: Path | None = None
+    #: Put before every result column name, for inputs that already have e.g. `status`.
+    prefix: str = ""
+
+
+class JsonSchemaSpec(_Strict):
+    name: str = "answer"
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    #: A .json file holding the schema, relative to the job file.
+    file: Path | None = None
+    strict: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JsonSchemaSpec:
+        if (self.schema_ is None) == (self.file is None):
+            raise ValueError("give the JSON schema either inline (`schema = {...}`) or as `file`")
+        return self
+
+
+class RequestSpec(_Strict):
+    endpoint: Literal["chat.completions"] = "chat.completions"
+    model: str
+    #: Default: $OPENAI_BASE_URL, then https://api.openai.com/v1.
+    base_url: str | None = None
+    #: The environment variable that holds the API key.
+    api_key_env: str = "OPENAI_API_KEY"
+    max_tokens: int | None = Field(default=None, gt=0)
+    #: How max_tokens is spelled on the wire. OpenAI wants `max_completion_tokens`; many
+    #: OpenAI-compatible servers only know `max_tokens`. Default: chosen by base URL.
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    response_format: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaSpec | None = None
+    #: Sent as they are, merged into the request body (e.g. `{ logprobs = true }`).
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float = Field(default=DEFAULT_TIMEOUT_S, gt=0)
+    connect_timeout_s: float = Field(default=DEFAULT_CONNECT_TIMEOUT_S, gt=0)
+
+    @model_validator(mode="after")
+    def _schema_matches_format(self) -> RequestSpec:
+        if self.response_format == "json_schema" and self.json_schema is None:
+            raise ValueError(
+                'response_format = "json_schema" needs a [request.json_schema] table '
+                "with `schema` or `file`"
+            )
+        if self.json_schema is not None and self.response_format != "json_schema":
+            raise ValueError(
+                '[request.json_schema] is set: also set response_format = "json_schema"'
+            )
+        return self
+
+
+class MessageSpec(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class TemplateSpec(_Strict):
+    system: str | None = None
+    user: str | None = None
+    #: A full messages list instead of system + user.
+    messages: tuple[MessageSpec, ...] | None = None
+    #: "empty": a null value renders as "". "fail": the row fails, naming the column.
+    nulls: Literal["empty", "fail"] = "empty"
+
+    @model_validator(mode="after")
+    def _user_or_messages(self) -> TemplateSpec:
+        if self.messages is not None and (self.system or self.user):
+            raise ValueError("give either `messages` or `system`/`user`, not both")
+        if self.messages is None and not self.user:
+            raise ValueError("the template needs `user` (and optionally `system`) or `messages`")
+        return self
+
+    def parts(self) -> list[tuple[str, str]]:
+        """(role, template text) pairs in the order they are sent."""
+        if self.messages is not None:
+            return [(m.role, m.content) for m in self.messages]
+        parts = [("system", self.system)] if self.system else []
+        return [*parts, ("user", self.user or "")]
+
+
+class LimitsSpec(_Strict):
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1, le=4096)
+    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=100)
+    #: Share of failed rows the run tolerates before exiting 1.
+    max_error_rate: float = Field(default=0.0, ge=0, le=1)
+    #: First retry waits about this long; each later one doubles, up to backoff_max_s.
+    backoff_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    #: Stop the run once this much has been spent (USD).
+    max_cost: float | None = Field(default=None, gt=0)
+
+
+class PriceSpec(_Strict):
+    """USD per million tokens, for models genai-prices does not know (self-hosted: 0)."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    #: Default: the input price.
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+
+
+class Job(_Strict):
+    name: str
+    #: The job file's directory: relative paths in the file resolve against it.
+    root: Path
+    input: InputSpec
+    output: OutputSpec = OutputSpec()
+    request: RequestSpec
+    template: TemplateSpec
+    limits: LimitsSpec = LimitsSpec()
+    price: PriceSpec | None = None
+
+    @property
+    def output_path(self) -> Path:
+        if self.output.path is not None:
+            return self.output.path
+        return Path.cwd() / "out" / f"{self.name}.parquet"
+
+    def json_schema(self) -> dict[str, Any] | None:
+        """The answer's JSON schema, read from its file if need be."""
+        spec = self.request.json_schema
+        if spec is None:
+            return None
+        if spec.schema_ is not None:
+            return spec.schema_
+        assert spec.file is not None
+        return _read_schema_file(spec.file)
+
+    def fingerprint(self) -> dict[str, str]:
+        """What the results depend on, part by part, so a changed part can be named."""
+        req = self.request
+        parts: dict[str, Any] = {
+            "template": self.template.model_dump(mode="json"),
+            "model": req.model,
+            "endpoint": req.endpoint,
+            "parameters": req.model_dump(
+                mode="json",
+                exclude={"model", "endpoint", "base_url", "api_key_env", "json_schema"},
+            ),
+            "output schema": self.json_schema(),
+        }
+        return {name: _digest(value) for name, value in parts.items()}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def _read_schema_file(path: Path) -> dict[str, Any]:
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecError(f"cannot read the JSON schema file {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(schema, dict):
+        raise SpecError(f"{path}: a JSON schema must be an object")
+    return schema
+
+
+def load_job(path: Path) -> Job:
+    """Read and validate a job file; raise `SpecError` with every problem found."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"job file not found: {path}") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read job file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    root = path.resolve().parent
+    raw.setdefault("name", path.stem)
+    raw["root"] = root
+    try:
+        job = Job.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_explain(path, exc)) from None
+    return _resolve_paths(job)
+
+
+def _resolve_paths(job: Job) -> Job:
+    def absolute(p: Path) -> Path:
+        return p if p.is_absolute() else (job.root / p).resolve()
+
+    updates: dict[str, Any] = {
+        "input": job.input.model_copy(update={"path": absolute(job.input.path)})
+    }
+    if job.output.path is not None:
+        updates["output"] = job.output.model_copy(update={"path": absolute(job.output.path)})
+    schema = job.request.json_schema
+    if schema is not None and schema.file is not None:
+        schema = schema.model_copy(update={"file": absolute(schema.file)})
+        updates["request"] = job.request.model_copy(update={"json_schema": schema})
+    return job.model_copy(update=updates)
+
+
+def _explain(path: Path, exc: ValidationError) -> str:
+    lines = [_explain_one(err) for err in exc.errors()]
+    head = f"{path}: {len(lines)} problem{'s' if len(lines) > 1 else ''} in the job file"
+    return "\n".join([head, *(f"  - {line}" for line in lines)])
+
+
+def _explain_one(err: Any) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        near = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"; did you mean `{near[0]}`?" if near else ""
+        where = f"[{'.'.join(loc[:-1])}]" if len(loc) > 1 else "the top level"
+        return f"unknown key `{dotted}`{hint} Valid keys in {where}: {', '.join(sorted(valid))}"
+    if err["type"] == "missing":
+        return f"`{dotted}` is required"
+    received = err.get("input")
+    shown = "" if isinstance(received, dict) else f" (got {received!r})"
+    prefix = f"`{dotted}`: " if dotted else ""
+    return f"{prefix}{err['msg']}{shown}"
+
+
+def _fields_at(loc: tuple[str, ...]) -> list[str]:
+    """The valid keys of the table at `loc`, for 'did you mean' hints."""
+    model: type[BaseModel] = Job
+    for part in loc:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
+        models = [a for a in inner if issubclass(a, BaseModel)]
+        if not models:
+            break
+        model = models[0]
+    return [f.alias or name for name, f in model.model_fields.items() if name != "root"]

@@ -1,0 +1,201 @@
+"""The one place that touches aiohttp, and the one place a response becomes an error class.
+
+    async with AiohttpTransport(timeout_s=120, connect_timeout_s=10) as transport:
+        response = await transport.send(request)   # any status; raises only RequestFailure
+        failure = classify(response, endpoint, request_tokens=900)   # None when 2xx
+
+Dispatch depends on the `Transport` protocol alone; a test can hand it any object with
+an async `send`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Protocol
+
+import aiohttp
+import orjson
+
+from pipeline.endpoints import Endpoint, HttpRequest, HttpResponse
+from pipeline.errors import (
+    ConnectFailed,
+    Fatal,
+    RateLimited,
+    ReadFailed,
+    RequestFailure,
+    RowFailed,
+    ServerError,
+)
+from pipeline.limits import retry_after
+
+#: A wait longer than this on a 429 is a quota, not a rate: halt instead of sleeping.
+MAX_RATE_LIMIT_WAIT_S = 300.0
+_SERVER_ERRORS = frozenset({408, 409, 500, 502, 503, 504, 529})
+
+
+class Transport(Protocol):
+    async def send(self, request: HttpRequest) -> HttpResponse:
+        """Return the response, whatever its status; raise `RequestFailure` if none came."""
+        ...
+
+
+class AiohttpTransport:
+    """One `ClientSession` for the whole run; no redirects; every attempt has a deadline."""
+
+    def __init__(self, *, timeout_s: float, connect_timeout_s: float, connections: int = 0):
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AiohttpTransport:
+        connector = aiohttp.TCPConnector(limit=self._connections, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            # Compressed answers cost CPU to inflate and bulk JSON compresses poorly.
+            auto_decompress=True,
+            # Cookies and proxies from the environment are not ours to carry along.
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def send(self, request: HttpRequest) -> HttpResponse:
+        assert self._session is not None, "use `async with AiohttpTransport(...)`"
+        try:
+            async with self._session.request(
+                request.method,
+                request.url,
+                data=request.body,
+                headers=request.headers,
+                allow_redirects=False,
+            ) as response:
+                body = await response.read()
+                return HttpResponse(response.status, response.headers, body)
+        except Exception as exc:
+            raise map_exception(exc) from exc
+
+
+def map_exception(exc: BaseException) -> RequestFailure:
+    """Translate what aiohttp and asyncio raise into our failure classes.
+
+    The line that matters is whether the request can have reached the model: a refused
+    or timed-out connect cannot have been billed; anything after sending may have been.
+    """
+    if isinstance(exc, RequestFailure):
+        return exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ConnectFailed(f"timed out connecting to the server: {exc}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ConnectFailed(f"cannot connect to {exc.host}:{exc.port}: {exc.os_error}")
+    if isinstance(exc, aiohttp.InvalidURL):
+        return Fatal(f"invalid URL {exc.url}: check --base-url / request.base_url")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return ReadFailed("the server closed the connection before answering")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return ReadFailed(f"the answer was cut off: {exc}")
+    if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
+        return ReadFailed("no answer before the request deadline (request.timeout_s)")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return ReadFailed(f"connection failed after sending: {type(exc).__name__}: {exc}")
+    raise exc
+
+
+def classify(
+    response: HttpResponse, endpoint: Endpoint, *, request_tokens: int
+) -> RequestFailure | None:
+    """Decide what a response means, from its status, headers and error body."""
+    status = response.status
+    if 200 <= status < 300:
+        return None
+    headers = response.headers
+    error = endpoint.error(_json_or_text(response.body))
+    detail = error.message or f"HTTP {status}"
+    no_retry = headers.get("x-should-retry", "").lower() == "false"
+    wait = retry_after(headers)
+
+    if 300 <= status < 400:
+        where = headers.get("location", "another address")
+        return Fatal(
+            f"the server redirected to {where}; set --base-url to the final address",
+            status=status,
+        )
+    failure = _by_status(status, error.type, error.code, detail, endpoint.path)
+    if failure is None:
+        failure = _classify_429(error.type, error.code, detail, request_tokens, headers, wait)
+    failure.status, failure.retry_after, failure.no_retry = status, wait, no_retry
+    return failure
+
+
+def _by_status(
+    status: int, type_: str | None, code: str | None, detail: str, path: str
+) -> RequestFailure | None:
+    """The failure for a non-2xx, non-3xx status; None for 429, which needs headers."""
+    if status == 401:
+        return Fatal(f"authentication failed ({detail}): check the API key variable")
+    if status == 403:
+        return Fatal(f"permission denied ({detail}): the key may lack access to this model")
+    if status == 404:
+        if code == "model_not_found":
+            return Fatal(f"{detail} Check `request.model` / --model")
+        return Fatal(
+            f"404 Not Found for {path} ({detail}): check --base-url "
+            "(OpenAI-compatible servers usually serve under /v1)"
+        )
+    if status == 429:
+        return None
+    if status in _SERVER_ERRORS:
+        slow = status == 529 or (status == 503 and type_ != "invalid_request_error")
+        return ServerError(f"HTTP {status}: {detail}", slow_down=slow)
+    if status >= 500:
+        return ServerError(f"HTTP {status}: {detail}")
+    return RowFailed(f"HTTP {status} {code or type_ or status}: {detail}")
+
+
+def _classify_429(
+    type_: str | None,
+    code: str | None,
+    detail: str,
+    request_tokens: int,
+    headers: Mapping[str, str],
+    wait: float | None,
+) -> RequestFailure:
+    if "insufficient_quota" in (type_, code):
+        return Fatal(f"quota exhausted: {detail}")
+    limit = _int_header(headers, "x-ratelimit-limit-tokens")
+    if limit is not None and request_tokens > limit:
+        # No retry can help: the request alone is over the per-minute token limit.
+        return RowFailed(
+            f"request too large: about {request_tokens} tokens, the limit is {limit} per minute"
+        )
+    if wait is not None and wait > MAX_RATE_LIMIT_WAIT_S:
+        return Fatal(
+            f"the API asks to wait {wait:.0f} s before the next request: treating it as a "
+            f"quota, not a rate limit ({detail})"
+        )
+    return RateLimited(f"rate limited: {detail}")
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _json_or_text(body: bytes) -> object:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:500].decode("utf-8", "replace")

@@ -1,0 +1,92 @@
+"""Shared fixtures: a real simulator on a loopback port, and job files written to tmp."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from click.testing import CliRunner, Result
+
+from pipeline.cli import main
+from pipeline.simulator import SimConfig, Simulator, running_in_thread
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's real key or base URL."""
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@dataclass
+class Server:
+    url: str
+    sim: Simulator
+
+
+@pytest.fixture
+def sim() -> Iterator[Server]:
+    with running_in_thread(SimConfig()) as (url, simulator):
+        yield Server(url, simulator)
+
+
+def toml_value(value: Any) -> str:
+    """Enough TOML for tests: JSON strings, numbers and booleans are valid TOML too."""
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def write_job(
+    directory: Path,
+    rows: Sequence[Mapping[str, Any]] | pl.DataFrame,
+    *,
+    input_name: str = "input.csv",
+    output: str = "out.parquet",
+    request: Mapping[str, Any] | None = None,
+    template: Mapping[str, Any] | None = None,
+    limits: Mapping[str, Any] | None = None,
+    tables: Mapping[str, Mapping[str, Any]] | None = None,
+    top: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an input table and a job over it; return the job file's path."""
+    frame = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(list(rows))
+    table = directory / input_name
+    if input_name.endswith(".parquet"):
+        frame.write_parquet(table)
+    else:
+        frame.write_csv(table)
+    sections: dict[str, Mapping[str, Any]] = {
+        "input": {"path": input_name},
+        "output": {"path": output},
+        "request": {"model": "gpt-4o-mini", "max_tokens": 32, **(request or {})},
+        "template": template or {"user": "{{ text }}"},
+        "limits": {"concurrency": 8, "backoff_s": 0.01, "backoff_max_s": 0.05, **(limits or {})},
+        **(tables or {}),
+    }
+    lines = [f"{k} = {toml_value(v)}" for k, v in (top or {}).items()]
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
+    job = directory / "job.toml"
+    job.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return job
+
+
+def invoke(*args: str | Path, env: Mapping[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], env=dict(env or {}))
+
+
+def run_job(job: Path, sim: Server, *args: str, env: Mapping[str, str] | None = None) -> Result:
+    return invoke("run", job, "--base-url", sim.url, *args, env=env)
+
+
+def read_output(path: Path) -> pl.DataFrame:
+    return pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)

@@ -1,0 +1,73 @@
+"""Templates: sandboxed, strict about columns, and row values stay data."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.errors import TemplateError
+from pipeline.render import NullValue, Renderer, RenderFailed, estimate_tokens
+from pipeline.spec import TemplateSpec
+
+
+def renderer(columns: tuple[str, ...] = ("id", "text"), **spec: object) -> Renderer:
+    return Renderer(TemplateSpec.model_validate(spec or {"user": "{{ text }}"}), columns)
+
+
+def test_system_and_user_messages() -> None:
+    r = renderer(system="Be brief.", user="Text: {{ text }}")
+
+    assert r.messages({"id": 1, "text": "hi"}) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Text: hi"},
+    ]
+
+
+def test_missing_column_lists_the_inputs_columns_and_the_nearest() -> None:
+    with pytest.raises(TemplateError) as caught:
+        renderer(user="{{ txt }}")
+
+    message = str(caught.value)
+    assert "column `txt` used in the template is not in the input" in message
+    assert "did you mean `text`?" in message
+    assert "The input has: id, text" in message
+
+
+def test_syntax_error_names_the_template_and_line() -> None:
+    with pytest.raises(TemplateError, match=r"template `user`, line 2"):
+        renderer(user="ok\n{{ text ")
+
+
+def test_loop_variables_are_not_taken_for_columns() -> None:
+    r = renderer(user="{% for w in text.split() %}[{{ w }}]{% endfor %}")
+
+    assert r.messages({"id": 1, "text": "a b"})[0]["content"] == "[a][b]"
+
+
+def test_nulls_render_empty_unless_the_job_says_fail() -> None:
+    assert renderer(user="<{{ text }}>").messages({"text": None})[0]["content"] == "<>"
+    with pytest.raises(NullValue, match="`text` is null"):
+        renderer(user="{{ text }}", nulls="fail").messages({"text": None})
+
+
+def test_sandbox_blocks_reaching_python_internals() -> None:
+    r = renderer(user="{{ text.__class__.__mro__[1].__subclasses__() }}")
+
+    with pytest.raises(RenderFailed):
+        r.messages({"text": "x"})
+
+
+@given(st.text())
+def test_row_values_are_data_never_template_code(value: str) -> None:
+    out = renderer(user="{{ text }}").messages({"id": 0, "text": value})
+
+    assert out[0]["content"] == value
+
+
+def test_token_estimate_rounds_up_and_counts_non_ascii_bytes() -> None:
+    ascii_ = estimate_tokens([{"role": "user", "content": "a" * 400}])
+    wide = estimate_tokens([{"role": "user", "content": "é" * 400}])
+
+    assert ascii_ >= 100
+    assert wide > ascii_
