@@ -68,6 +68,7 @@ def _plan_options(func: F) -> F:
 @click.option("--concurrency", type=_positive, help="Requests in flight at most.")
 @click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), help="Budget in USD.")
 @click.option("--fresh", is_flag=True, help="Discard the checkpoint and start over.")
+@click.option("--retry-failed", is_flag=True, help="Send again the rows that failed before.")
 @click.option("--journal", type=click.Path(path_type=Path), help="Checkpoint file location.")
 @_errors_to_exit
 def run(job: Path, input_: Path | None, **flags: Any) -> None:
@@ -94,6 +95,8 @@ def run(job: Path, input_: Path | None, **flags: Any) -> None:
         ],
         sys.stdout,
     )
+    if s["failed"] and report.exit_code == 1:
+        click.echo("to send the failed rows again: add --retry-failed", err=True)
     if report.message:
         click.echo(f"error: {report.message}" if report.exit_code else report.message, err=True)
     sys.exit(report.exit_code)

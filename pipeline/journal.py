@@ -114,10 +114,11 @@ class Journal:
         except sqlite3.Error as exc:
             raise OutputError(f"cannot write the checkpoint {self.path}: {exc}") from None
 
-    def done_rows(self, first: int, last: int) -> set[int]:
-        """Rows in [first, last] that already have a result."""
+    def done_rows(self, first: int, last: int, *, failed_too: bool = True) -> set[int]:
+        """Rows in [first, last] that already have a result (an ok one, unless failed_too)."""
+        only_ok = "" if failed_too else " AND status = 'ok'"
         cursor = self._reader.execute(
-            "SELECT row FROM results WHERE row BETWEEN ? AND ?", (first, last)
+            f"SELECT row FROM results WHERE row BETWEEN ? AND ?{only_ok}", (first, last)
         )
         return {r for (r,) in cursor}
 

@@ -76,6 +76,8 @@ class RunOptions:
     max_cost: float | None = None
     simulate: bool = False
     fresh: bool = False
+    #: Send again the rows an earlier run recorded as failed.
+    retry_failed: bool = False
     journal: Path | None = None
 
 
@@ -235,7 +237,9 @@ class Runner:
         self.url = base_url + plan.endpoint.path
         self.headers = auth_headers(api_key)
         self.limiter = Limiter(rpm=job.limits.rpm, tpm=job.limits.tpm)
-        self.counters = Counters(total=plan.rows, resumed=journal.count())
+        totals = journal.totals()
+        resumed = totals.ok if plan.options.retry_failed else totals.ok + totals.failed
+        self.counters = Counters(total=plan.rows, resumed=resumed)
         self.dispatcher: Dispatcher | None = None
 
     async def run(self, transport: AiohttpTransport) -> Dispatcher:
@@ -287,7 +291,11 @@ class Runner:
     def _prepare(self, batch: pl.DataFrame) -> tuple[list[Work], list[Outcome]]:
         """Render a batch's rows not yet done into requests (runs in a thread)."""
         rows = batch.get_column(ROW_INDEX)
-        done = self.journal.done_rows(int(rows.min()), int(rows.max()))  # type: ignore[arg-type]
+        done = self.journal.done_rows(
+            int(rows.min()),  # type: ignore[arg-type]
+            int(rows.max()),  # type: ignore[arg-type]
+            failed_too=not self.plan.options.retry_failed,
+        )
         renderer, endpoint = self.plan.renderer, self.plan.endpoint
         extra_tokens = endpoint.max_output_tokens()
         works: list[Work] = []

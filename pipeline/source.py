@@ -22,6 +22,7 @@ import codecs
 import csv
 import difflib
 import logging
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,7 +118,7 @@ class Source:
             )
         if self.format == "parquet":
             return _scan_parquet(self.path)
-        return pl.scan_ndjson(self.path, schema=self.schema)
+        return _scan_ndjson(self.path, schema=self.schema)
 
     def _indexed(self) -> pl.LazyFrame:
         # polars' index type is UInt32 in this build; the contract is a 64-bit position.
@@ -206,15 +207,19 @@ def _scan_csv_text(path: Path) -> pl.LazyFrame:
 
 
 def _typed(name: str, dtype: pl.DataType, *, strict: bool = True) -> pl.Expr:
-    text = pl.col(name)
     if dtype == pl.String:
-        return text
-    present = pl.when(text != "").then(text)  # a quoted "" is a missing number, not a bad one
+        return pl.col(name)
+    present = _present(name)
     if dtype == pl.Boolean:  # polars casts no text to Boolean; it guesses true/false, any case
         return present.str.to_lowercase().replace_strict(
             _BOOLEANS, default=None, return_dtype=pl.Boolean
         )
     return present.cast(dtype, strict=strict).alias(name)
+
+
+def _present(name: str) -> pl.Expr:
+    # A quoted "" (polars keeps it as text) is a missing number, not a bad one.
+    return pl.when(pl.col(name) != "").then(pl.col(name))
 
 
 def _read_csv(path: Path) -> _Checked:
@@ -250,7 +255,7 @@ def _csv_stats(path: Path, guess: dict[str, pl.DataType]) -> dict[str, int]:
         pl.col(last).is_null().sum().alias("__maybe_short"),
         # Every column is touched, so polars checks every field's UTF-8, not just the typed.
         *(
-            (pl.col(name).is_not_null() & _typed(name, dtype, strict=False).is_null())
+            (_present(name).is_not_null() & _typed(name, dtype, strict=False).is_null())
             .sum()
             .alias(f"__bad{i}")
             for i, (name, dtype) in enumerate(guess.items())
@@ -389,28 +394,36 @@ def _read_ndjson(path: Path) -> _Checked:
     # seen after it would be dropped silently, and a type change would fail mid-run.
     schema = _polars(path, "ndjson", lambda: _ndjson_schema(path))
     _check_names(path, list(schema))
-    rows = _polars(path, "ndjson", lambda: _count_decoded(pl.scan_ndjson(path, schema=schema)))
+    rows = _polars(path, "ndjson", lambda: _count_decoded(_scan_ndjson(path, schema=schema)))
     if rows == 0:
         raise _input_error(path, "has no rows")
     return _Checked(schema, rows)
 
 
 def _ndjson_schema(path: Path) -> dict[str, pl.DataType]:
-    return dict(pl.scan_ndjson(path, infer_schema_length=None).collect_schema())
+    return dict(_scan_ndjson(path, schema=None).collect_schema())
+
+
+def _scan_ndjson(path: Path, *, schema: dict[str, pl.DataType] | None) -> pl.LazyFrame:
+    # scan_ndjson has no glob=False; a glob character in brackets matches only itself.
+    literal = re.sub(r"[][*?]", r"[\g<0>]", str(path))
+    return pl.scan_ndjson(literal, schema=schema, infer_schema_length=None)
 
 
 def _ndjson_problem(path: Path) -> str | None:
     """The first line that is not one JSON object, by a careful pass over the whole file."""
     bad_byte = _first_bad_utf8(path)
+    empty = True
     with path.open("rb") as file:
         for number, line in enumerate(file, start=1):
             if bad_byte is not None and bad_byte.line == number:
                 return _encoding_problem(path, f"line {number}", bad_byte)
             if line.strip():
+                empty = False
                 problem = _json_problem(line)
                 if problem is not None:
                     return f"line {number} {problem}; each line must be one JSON object"
-    return None
+    return "is empty: no rows" if empty else None
 
 
 def _json_problem(line: bytes) -> str | None:
@@ -453,6 +466,14 @@ _DIAGNOSES: dict[Format, Callable[[Path], str | None]] = {
     "parquet": lambda path: None,  # polars' own message is as precise as it gets
     "ndjson": _ndjson_problem,
 }
+#: What a message says when the careful pass finds nothing more precise than polars.
+_UNREADABLE: dict[Format, str] = {
+    "csv": "cannot be read as CSV ({}); check that it is comma-separated UTF-8 text",
+    "parquet": "is not a readable Parquet file ({}); re-export it, or check that the copy or "
+    "download finished",
+    "ndjson": "cannot be read as NDJSON ({}); each line must be one JSON object, with the same "
+    "type for a key on every line",
+}
 
 
 def _polars(path: Path, fmt: Format, read: Callable[[], _T]) -> _T:
@@ -460,7 +481,8 @@ def _polars(path: Path, fmt: Format, read: Callable[[], _T]) -> _T:
     try:
         return read()
     except pl.exceptions.PolarsError as err:
-        problem = _DIAGNOSES[fmt](path) or f"cannot be read as {fmt}: {_first_line(err)}"
+        found = _first_line(err).removeprefix("parquet: ")
+        problem = _DIAGNOSES[fmt](path) or _UNREADABLE[fmt].format(found)
         raise _input_error(path, problem) from err
 
 

@@ -86,6 +86,19 @@ def test_persistent_server_error_fails_after_max_attempts(tmp_path: Path, sim: S
     assert out["error_type"][1] == "server"
 
 
+def test_retry_failed_sends_only_the_failed_rows_again(tmp_path: Path, sim: Server) -> None:
+    job = write_job(tmp_path, rows_with("<<sim:500:3>>"), limits={"max_attempts": 2})
+    assert run_job(job, sim).exit_code == 1
+    sent_before = sim.sim.stats.requests
+
+    again = run_job(job, sim, "--retry-failed")
+
+    assert again.exit_code == 0, again.output
+    assert sim.sim.stats.requests - sent_before == 2  # one 500 left, then ok
+    out = read_output(tmp_path / "out.parquet")
+    assert out["status"].to_list() == ["ok"] * 4
+
+
 def test_max_error_rate_tolerates_some_failed_rows(tmp_path: Path, sim: Server) -> None:
     job = write_job(tmp_path, rows_with("<<sim:400>>"), limits={"max_error_rate": 0.5})
 
