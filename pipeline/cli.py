@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 import click
 
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from pipeline.errors import JobError, PipelineError
 from pipeline.journal import Journal
 from pipeline.progress import summary_table
-from pipeline.run import Plan, RunOptions, execute, fingerprint, make_plan
+from pipeline.run import Plan, RunOptions, estimate, execute, fingerprint, make_plan
 from pipeline.spec import load_job
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -117,6 +117,8 @@ def validate(job: Path, input_: Path | None, shown: int, **flags: Any) -> None:
     click.echo(f"model {plan.job.request.model}, prices from {plan.pricer.source}")
     click.echo(f"output {plan.output}")
     _show_rows(plan, shown)
+    if plan.key_problem is not None:
+        raise JobError(plan.key_problem)
 
 
 def _show_rows(plan: Plan, shown: int) -> None:
@@ -127,6 +129,34 @@ def _show_rows(plan: Plan, shown: int) -> None:
                 click.echo(f"[{message['role']}] {message['content']}")
         except Exception as exc:  # a row-level render failure is shown, not raised
             click.echo(f"(this row would fail: {exc})")
+
+
+@main.command("estimate")
+@_job
+@_plan_options
+@click.option("--rpm", type=_positive, help="Requests per minute.")
+@click.option("--tpm", type=_positive, help="Tokens per minute.")
+@_errors_to_exit
+def estimate_command(job: Path, input_: Path | None, **flags: Any) -> None:
+    """Forecast JOB's tokens, cost and duration. Sends nothing."""
+    plan = make_plan(load_job(job), RunOptions(input=input_, **flags))
+    e = estimate(plan)
+    duration = (
+        "no limits set: as fast as the server"
+        if e.minutes is None
+        else (f"at least {e.minutes:,.1f} min at the job's rate limits")
+    )
+    summary_table(
+        f"{plan.job.name}: estimate for {e.rows:,} rows",
+        [
+            ("prompt tokens", f"{e.prompt_tokens:,} (estimated, no tokenizer)"),
+            ("completion", f"at most {e.max_completion_tokens:,} tokens (rows x max_tokens)"),
+            ("cost", f"${e.cost_low:.4f} to ${e.cost_high:.4f} ({plan.pricer.source})"),
+            ("duration", duration),
+            ("rejected", f"{e.rejected:,} rows would fail before sending"),
+        ],
+        sys.stdout,
+    )
 
 
 @main.command()

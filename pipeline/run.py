@@ -28,7 +28,7 @@ import polars as pl
 from pipeline import __version__
 from pipeline.cost import Pricer, make_pricer
 from pipeline.dispatch import Dispatcher, Outcome, RetryPolicy, Work
-from pipeline.endpoints import Endpoint, HttpRequest, auth_headers, make_endpoint
+from pipeline.endpoints import Endpoint, HttpRequest, Usage, auth_headers, make_endpoint
 from pipeline.errors import (
     BudgetReached,
     Interrupted,
@@ -93,6 +93,8 @@ class Plan:
     #: None with --simulate: the simulator's address is known once it listens.
     base_url: str | None
     api_key: str | None = field(repr=False)
+    #: Set when no key is at hand for a server that needs one: `run` refuses to start.
+    key_problem: str | None
     rows: int
     options: RunOptions
 
@@ -153,6 +155,7 @@ def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -
         pricer=pricer,
         base_url=base_url,
         api_key=api_key,
+        key_problem=_key_problem(job, base_url, api_key),
         rows=min(rows, opts.limit) if opts.limit is not None else rows,
         options=opts,
     )
@@ -183,14 +186,18 @@ def _target(job: Job, opts: RunOptions, env: Mapping[str, str]) -> tuple[str | N
     ).rstrip("/")
     if urlsplit(base_url).scheme not in ("http", "https"):
         raise SpecError(f"base URL {base_url!r} must start with http:// or https://")
-    api_key = env.get(job.request.api_key_env) or None
-    if api_key is None and urlsplit(base_url).hostname == "api.openai.com":
-        raise JobError(
-            f"no API key: set {job.request.api_key_env} (export {job.request.api_key_env}=...), "
-            "or point --base-url at an OpenAI-compatible server, "
-            "or try the job offline with --simulate"
-        )
-    return base_url, api_key
+    return base_url, env.get(job.request.api_key_env) or None
+
+
+def _key_problem(job: Job, base_url: str | None, api_key: str | None) -> str | None:
+    """Why the run cannot start for want of a key, or None. api.openai.com needs one."""
+    if api_key is not None or base_url is None or urlsplit(base_url).hostname != "api.openai.com":
+        return None
+    var = job.request.api_key_env
+    return (
+        f"no API key: set {var} (export {var}=...), or point --base-url at an "
+        "OpenAI-compatible server, or try the job offline with --simulate"
+    )
 
 
 def _check_collisions(columns: tuple[str, ...], results: list[str]) -> None:
@@ -218,6 +225,46 @@ def limited(batches: Iterator[pl.DataFrame], limit: int | None) -> Iterator[pl.D
             if batch.height == 0:
                 return
         yield batch
+
+
+@dataclass(frozen=True)
+class Estimate:
+    rows: int
+    #: Rows that would fail before sending (a null the job forbids, a template error).
+    rejected: int
+    prompt_tokens: int
+    #: The most completion tokens the rows can use: rows x max_tokens.
+    max_completion_tokens: int
+    #: Cost of the prompts alone, and with every answer at max_tokens.
+    cost_low: float
+    cost_high: float
+    #: Minutes the rate limits allow it to take at best; None with no limits set.
+    minutes: float | None
+
+
+def estimate(plan: Plan) -> Estimate:
+    """Render every row and add up what the run would cost. Sends nothing."""
+    rows = rejected = prompt = 0
+    for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
+        for row in batch.iter_rows(named=True):
+            try:
+                prompt += estimate_tokens(plan.renderer.messages(row))
+                rows += 1
+            except (NullValue, RenderFailed):
+                rejected += 1
+    completion = rows * plan.endpoint.max_output_tokens()
+    limits = plan.job.limits
+    bounds = [rows / limits.rpm if limits.rpm else 0.0]
+    bounds.append((prompt + completion) / limits.tpm if limits.tpm else 0.0)
+    return Estimate(
+        rows=rows,
+        rejected=rejected,
+        prompt_tokens=prompt,
+        max_completion_tokens=completion,
+        cost_low=plan.pricer.cost(Usage(prompt_tokens=prompt)),
+        cost_high=plan.pricer.cost(Usage(prompt_tokens=prompt, completion_tokens=completion)),
+        minutes=max(bounds) if limits.rpm or limits.tpm else None,
+    )
 
 
 @dataclass
@@ -354,6 +401,8 @@ class Runner:
 async def execute(plan: Plan) -> Report:
     """Run the plan: send what is not done yet, then write the output and the summary."""
     started = time.time()
+    if plan.key_problem is not None:
+        raise JobError(plan.key_problem)
     journal = Journal.open(plan.journal_path, fingerprint(plan), fresh=plan.options.fresh)
     try:
         async with _server(plan) as base_url:

@@ -315,35 +315,43 @@ def _csv_problem(path: Path) -> str | None:
 _QUOTING = 'a field that contains `"` must be quoted, with the `"` doubled: "say ""hi"""'
 
 
-class _QuoteCounter:
-    """Feeds a file's lines to `csv.reader`, counting `"` so a stray one can be caught.
+class _Lines:
+    """Feeds a file's lines to `csv.reader` the way polars splits them, counting `"`.
 
-    polars splits records by the parity of `"`, so an odd count in one record (as in
-    `1,say "hi,2`) makes polars read on past the line end, where Python's csv does not.
+    polars ends a line at `\n` only, so a lone `\r` is data; Python's csv would end the
+    record there, or fail, so it is shown as `␍` instead. polars also splits records by
+    the parity of `"`: an odd count in one record (as in `1,say "hi,2`) makes polars read
+    on past the line end, where Python's csv does not, so the count is kept to catch it.
+    Undecodable bytes stay in the text as surrogates (surrogateescape), so the pass can
+    name the column that holds them.
     """
 
-    def __init__(self, lines: IO[str]) -> None:
-        self.lines = lines
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
         self.quotes = 0
+        self.first = True
 
-    def __iter__(self) -> _QuoteCounter:
+    def __iter__(self) -> _Lines:
         return self
 
     def __next__(self) -> str:
-        line = next(self.lines)
+        line = next(self.file).decode("utf-8", "surrogateescape")
+        if self.first:  # a byte-order mark is no part of the first column's name
+            line, self.first = line.removeprefix("\ufeff"), False
         self.quotes += line.count('"')
+        body = line.rstrip("\r\n")
+        if "\r" in body:
+            line = body.replace("\r", "\u240d") + line[len(body) :]
         return line
 
 
 @contextmanager
-def _csv_reader(path: Path) -> Iterator[tuple[CsvReader, _QuoteCounter]]:
-    # surrogateescape keeps a bad byte as a marker in its field, so the pass can name the
-    # column; utf-8-sig drops a byte-order mark, as polars does.
+def _csv_reader(path: Path) -> Iterator[tuple[CsvReader, _Lines]]:
     limit = csv.field_size_limit()
     csv.field_size_limit(sys.maxsize)  # a long document in one field is normal input here
     try:
-        with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as file:
-            lines = _QuoteCounter(file)
+        with path.open("rb") as file:
+            lines = _Lines(file)
             yield csv.reader(lines, strict=True), lines
     finally:
         csv.field_size_limit(limit)

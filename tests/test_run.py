@@ -209,6 +209,16 @@ def test_no_key_for_openai_says_how_to_get_going(tmp_path: Path) -> None:
     assert not (tmp_path / "out.parquet").exists()
 
 
+def test_validate_checks_everything_then_names_the_missing_key(tmp_path: Path) -> None:
+    job = write_job(tmp_path, texts(2))
+
+    result = invoke("validate", job)
+
+    assert result.exit_code == 2
+    assert "[user] row 0" in result.output
+    assert "no API key: set OPENAI_API_KEY" in result.output
+
+
 def test_environment_base_url_is_honoured_and_flag_wins(tmp_path: Path, sim: Server) -> None:
     job = write_job(tmp_path, texts(2))
 
@@ -265,4 +275,18 @@ def test_schema_openai_would_refuse_in_strict_mode_is_caught_before_sending(
 
     assert result.exit_code == 2
     assert '"additionalProperties": false' in result.output
+    assert sim.sim.stats.requests == 0
+
+
+def test_estimate_forecasts_tokens_cost_and_time_without_sending(
+    tmp_path: Path, sim: Server
+) -> None:
+    job = write_job(tmp_path, texts(30), request={"max_tokens": 10}, limits={"rpm": 60})
+
+    result = invoke("estimate", job, "--base-url", sim.url)
+
+    assert result.exit_code == 0, result.output
+    assert "estimate for 30 rows" in result.output
+    assert "at most 300 tokens" in result.output
+    assert "at least 0.5 min" in result.output
     assert sim.sim.stats.requests == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import tempfile
 from pathlib import Path
@@ -488,3 +489,27 @@ def test_any_valid_csv_reads_back(rows: list[tuple[str, str | None]], size: int)
         back = pl.concat(open_source(path).batches(size))
     assert back[ROW_INDEX].to_list() == list(range(len(rows)))
     assert_frame_equal(back.drop(ROW_INDEX), frame)
+
+
+@given(
+    width=st.integers(2, 3),
+    rows=st.lists(st.lists(CELL, min_size=1, max_size=4), min_size=1, max_size=20),
+)
+@settings(max_examples=60, deadline=None)
+def test_first_ragged_row_is_the_one_named(width: int, rows: list[list[str]]) -> None:
+    header = [f"c{i}" for i in range(width)]
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "in.csv"
+        with path.open("w", newline="", encoding="utf-8") as file:
+            csv.writer(file, lineterminator="\n").writerows(
+                [header, *(list(map("s{}".format, row)) for row in rows)]
+            )
+        ragged = [i for i, row in enumerate(rows, start=1) if len(row) != width]
+        if not ragged:
+            assert open_source(path).count() == len(rows)
+            return
+        with pytest.raises(InputError) as caught:
+            open_source(path)
+    row = ragged[0]
+    assert f": row {row} (line" in str(caught.value)
+    assert f"has {len(rows[row - 1])} fields, the header has {width}" in str(caught.value)
