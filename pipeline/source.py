@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Literal, NamedTuple, TypeVar, get_args
+from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, get_args
 
 import orjson
 import polars as pl
@@ -209,12 +209,10 @@ def _scan_csv_text(path: Path) -> pl.LazyFrame:
 def _typed(name: str, dtype: pl.DataType, *, strict: bool = True) -> pl.Expr:
     if dtype == pl.String:
         return pl.col(name)
-    present = _present(name)
     if dtype == pl.Boolean:  # polars casts no text to Boolean; it guesses true/false, any case
-        return present.str.to_lowercase().replace_strict(
-            _BOOLEANS, default=None, return_dtype=pl.Boolean
-        )
-    return present.cast(dtype, strict=strict).alias(name)
+        flags = _present(name).str.to_lowercase()
+        return flags.replace_strict(_BOOLEANS, default=None, return_dtype=pl.Boolean).alias(name)
+    return _present(name).cast(dtype, strict=strict).alias(name)
 
 
 def _present(name: str) -> pl.Expr:
@@ -232,7 +230,7 @@ def _read_csv(path: Path) -> _Checked:
     # polars pads a row with too few fields with nulls, silently. Such a row leaves the last
     # column null, so only a file with nulls there needs the careful pass to tell them apart.
     if stats["__maybe_short"]:
-        problem = _csv_problem(path)
+        problem = _csv_problem(path, utf8_checked=True)  # the polars pass read every field
         if problem is not None:
             raise _input_error(path, problem)
     schema = {
@@ -287,29 +285,44 @@ def _csv_header(path: Path) -> list[str]:
     return header
 
 
-def _csv_problem(path: Path) -> str | None:
+def _csv_problem(path: Path, *, utf8_checked: bool = False) -> str | None:
     """The first row polars would reject or misread, by a careful pass over the whole file."""
-    bad_byte = _first_bad_utf8(path)
+    bad_byte = None if utf8_checked else _first_bad_utf8(path)
+    bad_line = bad_byte.line if bad_byte else sys.maxsize
     with _csv_reader(path) as (reader, lines):
-        header = next(reader)
-        row, end = 0, reader.line_num
-        while True:
-            row, start, quotes = row + 1, end + 1, lines.quotes
-            try:
-                fields = next(reader)
-            except StopIteration:
-                return None
-            except csv.Error as err:
-                return f"{_where(row, start, reader.line_num)} is not valid CSV ({err}); {_QUOTING}"
-            end = reader.line_num
-            where = _where(row, start, end)
-            if bad_byte is not None and bad_byte.line <= end:
-                column = _column_with_bad_bytes(fields, header)
-                return _encoding_problem(path, f"{where}{column}", bad_byte)
-            if (lines.quotes - quotes) % 2:
-                return f'{where} has an unmatched `"`: {_preview(fields)}; {_QUOTING}'
-            if len(fields) != len(header) and (fields or len(header) > 1):
-                return _ragged(where, fields, header)
+        width = len(header := next(reader))
+        row, end, quotes = 0, reader.line_num, lines.quotes
+        try:
+            # The loop only looks; `_row_problem` says what it saw, once.
+            for fields in reader:
+                row, start, end = row + 1, end + 1, reader.line_num
+                odd_quotes = (lines.quotes - quotes) % 2 == 1
+                ragged = len(fields) != width and (fields or width > 1)
+                if end >= bad_line or odd_quotes or ragged:
+                    where = _where(row, start, end)
+                    bad = bad_byte if end >= bad_line else None
+                    return _row_problem(path, where, fields, header, bad, odd_quotes)
+                quotes = lines.quotes
+        except csv.Error as err:
+            return (
+                f"{_where(row + 1, end + 1, reader.line_num)} is not valid CSV ({err}); {_QUOTING}"
+            )
+    return None
+
+
+def _row_problem(
+    path: Path,
+    where: str,
+    fields: list[str],
+    header: list[str],
+    bad_byte: _BadByte | None,
+    odd_quotes: bool,
+) -> str:
+    if bad_byte is not None:
+        return _encoding_problem(path, f"{where}{_column_with_bad_bytes(fields, header)}", bad_byte)
+    if odd_quotes:
+        return f'{where} has an unmatched `"`: {_preview(fields)}; {_QUOTING}'
+    return _ragged(where, fields, header)
 
 
 _QUOTING = 'a field that contains `"` must be quoted, with the `"` doubled: "say ""hi"""'
@@ -318,29 +331,25 @@ _QUOTING = 'a field that contains `"` must be quoted, with the `"` doubled: "say
 class _Lines:
     """Feeds a file's lines to `csv.reader` the way polars splits them, counting `"`.
 
-    polars ends a line at `\n` only, so a lone `\r` is data; Python's csv would end the
-    record there, or fail, so it is shown as `␍` instead. polars also splits records by
-    the parity of `"`: an odd count in one record (as in `1,say "hi,2`) makes polars read
-    on past the line end, where Python's csv does not, so the count is kept to catch it.
-    Undecodable bytes stay in the text as surrogates (surrogateescape), so the pass can
-    name the column that holds them.
+    polars ends a line at a line feed only, so a lone carriage return is data; Python's csv
+    would end the record there, or fail, so it is shown as `␍` instead. polars also splits
+    records by the parity of `"`: an odd count in one record (as in `1,say "hi,2`) makes
+    polars read on past the line end, where Python's csv does not, so the count is kept to
+    catch it. Undecodable bytes stay in the text as surrogates (surrogateescape), so the
+    pass can name the column that holds them.
     """
 
-    def __init__(self, file: IO[bytes]) -> None:
+    def __init__(self, file: IO[str]) -> None:
         self.file = file
         self.quotes = 0
-        self.first = True
 
     def __iter__(self) -> _Lines:
         return self
 
     def __next__(self) -> str:
-        line = next(self.file).decode("utf-8", "surrogateescape")
-        if self.first:  # a byte-order mark is no part of the first column's name
-            line, self.first = line.removeprefix("\ufeff"), False
+        line = next(self.file)
         self.quotes += line.count('"')
-        body = line.rstrip("\r\n")
-        if "\r" in body:
+        if "\r" in line and "\r" in (body := line.rstrip("\r\n")):
             line = body.replace("\r", "\u240d") + line[len(body) :]
         return line
 
@@ -350,7 +359,9 @@ def _csv_reader(path: Path) -> Iterator[tuple[CsvReader, _Lines]]:
     limit = csv.field_size_limit()
     csv.field_size_limit(sys.maxsize)  # a long document in one field is normal input here
     try:
-        with path.open("rb") as file:
+        # newline="\n" splits lines at line feeds only, as polars does; utf-8-sig drops a
+        # byte-order mark from the first column's name, as polars does.
+        with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="\n") as file:
             lines = _Lines(file)
             yield csv.reader(lines, strict=True), lines
     finally:
@@ -535,24 +546,42 @@ def _check_key(source: Source) -> None:
             f"{_names(list(source.columns))}",
         )
     rows = source._indexed().select(ROW_INDEX, key)
+    _check_blank_keys(source, rows, key)
+    # One query each: polars streams either alone, but holds the column to do both at once.
+    if not _scalar(rows.select(_increasing(key, source.schema[key]))) and _may_repeat(rows, key):
+        _check_duplicates(source, rows, key)
+
+
+def _check_blank_keys(source: Source, rows: pl.LazyFrame, key: str) -> None:
     blank = pl.col(key).is_null()
     if source.schema[key] == pl.String:
         blank |= pl.col(key).str.strip_chars() == ""
-    stats = rows.select(
-        pl.col(ROW_INDEX).filter(blank).first().alias("blank"),
-        # Hashes hold 8 bytes a row, however long the keys; a collision only costs the
-        # exact search below, which then finds nothing.
-        pl.col(key).hash().n_unique().alias("unique"),
-        pl.len().alias("rows"),
-    ).collect(engine="streaming")
-    if stats["blank"].item() is not None:
+    first_blank = _scalar(rows.select(pl.col(ROW_INDEX).filter(blank).first()))
+    if first_blank is not None:
         raise _input_error(
             source.path,
-            f"key column `{key}` is empty at row {stats['blank'].item() + 1}; give every row "
-            "a key, or leave the key out to identify rows by position",
+            f"key column `{key}` is empty at row {first_blank + 1}; give every row a key, or "
+            "leave the key out to identify rows by position",
         )
-    if stats["unique"].item() < stats["rows"].item():
-        _check_duplicates(source, rows, key)
+
+
+def _scalar(query: pl.LazyFrame) -> Any:
+    return query.collect(engine="streaming").item()
+
+
+def _increasing(key: str, dtype: pl.DataType) -> pl.Expr:
+    # Keys in increasing order (the common case: ids) are unique, proved without holding
+    # any of them in memory.
+    if dtype.is_numeric() or dtype.is_temporal() or dtype == pl.String:
+        return (pl.col(key) > pl.col(key).shift(1)).all()
+    return pl.lit(False)
+
+
+def _may_repeat(rows: pl.LazyFrame, key: str) -> bool:
+    # Sorted 8-byte hashes hold ~15 bytes a row however long the keys (a hash set takes
+    # ~40); a collision only costs the exact search, which then finds nothing.
+    hashes = rows.select(pl.col(key).hash().sort().alias("hash"))
+    return bool(_scalar(hashes.select((pl.col("hash") == pl.col("hash").shift(1)).any())))
 
 
 def _check_duplicates(source: Source, rows: pl.LazyFrame, key: str) -> None:

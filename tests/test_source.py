@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from pipeline.errors import InputError
-from pipeline.source import ROW_INDEX, Source, open_source
+from pipeline.source import ROW_INDEX, SCAN_BLOCK, Source, open_source
 
 # A table that exercises quoting, non-ASCII text and nulls in every format.
 TABLE = pl.DataFrame(
@@ -43,9 +44,8 @@ def error_of(path: Path, **options: str) -> str:
     return message
 
 
-def rows_of(path: Path, size: int = 10_000, start: int = 0) -> pl.DataFrame:
-    batches = list(open_source(path).batches(size, start=start))
-    return pl.concat(batches) if batches else pl.DataFrame()
+def rows_of(path: Path) -> pl.DataFrame:
+    return pl.concat(open_source(path).batches())
 
 
 # --- CSV problems ------------------------------------------------------------------------
@@ -128,6 +128,15 @@ def test_csv_problem_is_named(tmp_path: Path, content: str | bytes, expected: li
     message = error_of(write(tmp_path, "in.csv", content))
     for fragment in expected:
         assert fragment in message
+
+
+def test_bad_byte_split_between_scan_blocks(tmp_path: Path) -> None:
+    # The lead byte of a two-byte character ends one block; the next starts with no follower.
+    prefix = b"id,t\n1,"
+    filler = b"a" * (SCAN_BLOCK - 1 - len(prefix))
+    path = write(tmp_path, "in.csv", prefix + filler + b"\xc3A\n2,b\n")
+    message = error_of(path)
+    assert f"row 1 (line 2), column `t`: byte 0xC3 at offset {SCAN_BLOCK - 1}" in message
 
 
 def test_long_header_is_shortened(tmp_path: Path) -> None:
@@ -351,10 +360,14 @@ def test_single_column_blank_line_is_a_null(tmp_path: Path) -> None:
     assert rows_of(write(tmp_path, "in.csv", "id\n1\n\n2\n"))["id"].to_list() == [1, None, 2]
 
 
-def test_type_broken_after_the_sample_reads_as_text(tmp_path: Path) -> None:
+def test_type_broken_after_the_sample_reads_as_text(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     lines = [f"{i},{i * 2},{'true' if i % 2 else 'FALSE'}\n" for i in range(11_000)]
     path = write(tmp_path, "in.csv", "id,n,flag\n" + "".join(lines) + "11000,n/a,true\n")
-    source = open_source(path)
+    with caplog.at_level(logging.INFO, logger="pipeline.source"):
+        source = open_source(path)
+    assert "column n: 1 values are not Int64; reading the column as text" in caplog.text
     assert source.schema == {"id": pl.Int64, "n": pl.String, "flag": pl.Boolean}
     frame = pl.concat(source.batches(4_000))
     assert frame["n"][-1] == "n/a"
