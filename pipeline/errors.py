@@ -115,8 +115,8 @@ class ServerError(Retryable):
     kind = "server"
     maybe_billed = False
 
-    def __init__(self, message: str, *, slow_down: bool = False, **kw: object) -> None:
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+    def __init__(self, message: str, *, slow_down: bool = False) -> None:
+        super().__init__(message)
         #: 503 "slow down" or 529 overloaded: the rate should drop too.
         self.slow_down = slow_down
 

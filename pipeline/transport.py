@@ -54,9 +54,7 @@ class AiohttpTransport:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
-            # Compressed answers cost CPU to inflate and bulk JSON compresses poorly.
-            auto_decompress=True,
-            # Cookies and proxies from the environment are not ours to carry along.
+            # Cookies a server sets are not ours to carry from one row to the next.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         return self
