@@ -8,6 +8,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,8 +17,9 @@ import click
 from pipeline import __version__
 from pipeline.errors import JobError, PipelineError
 from pipeline.journal import Journal
+from pipeline.plan import Plan, RunOptions, apply_options, estimate, journal_path, make_plan
 from pipeline.progress import summary_table
-from pipeline.run import Plan, RunOptions, estimate, execute, fingerprint, make_plan
+from pipeline.run import execute
 from pipeline.spec import load_job
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -75,7 +77,7 @@ def run(job: Path, input_: Path | None, **flags: Any) -> None:
     """Send every row of JOB's input not yet done; write the output table."""
     plan = make_plan(load_job(job), RunOptions(input=input_, **flags))
     click.echo(f"{plan.job.name}: {plan.rows:,} rows from {plan.source.path}", err=True)
-    report = asyncio.run(execute(plan))
+    report = asyncio.run(execute(plan, notify=lambda line: click.echo(line, err=True)))
     s = report.summary
     summary_table(
         f"{plan.job.name}: {s['ok']:,} ok, {s['failed']:,} failed, {s['pending']:,} pending",
@@ -165,21 +167,32 @@ def estimate_command(job: Path, input_: Path | None, **flags: Any) -> None:
 @click.option("--journal", type=click.Path(path_type=Path), help="Checkpoint file location.")
 @_errors_to_exit
 def status(job: Path, output: Path | None, journal: Path | None) -> None:
-    """What JOB's checkpoint holds: rows done, failed, pending, cost so far."""
-    plan = make_plan(load_job(job), RunOptions(output=output, journal=journal, simulate=True))
-    if not plan.journal_path.exists():
-        click.echo(f"no checkpoint at {plan.journal_path}: the job has not run yet")
-        return
-    checkpoint = Journal.open(plan.journal_path, fingerprint(plan), fresh=False)
+    """What JOB's checkpoint holds: rows done, failed, pending, cost, the last run."""
+    spec = apply_options(load_job(job), RunOptions(output=output))
+    path = journal_path(spec.output_path, journal)
+    checkpoint = Journal.read(path)
     try:
-        t = checkpoint.totals()
+        t, flight = checkpoint.totals(), checkpoint.in_flight()
+        meta = {k: checkpoint.meta(k) for k in ("last_started", "last_finished", "last_exit")}
+        rows, source = int(checkpoint.meta("rows") or 0), checkpoint.meta("input")
     finally:
         checkpoint.close()
-    pending = plan.rows - t.ok - t.failed
-    click.echo(
-        f"{plan.job.name}: {t.ok:,} ok, {t.failed:,} failed, {pending:,} pending "
-        f"of {plan.rows:,}; ${t.cost_usd:.6f} spent ({plan.journal_path})"
-    )
+    of = f", {rows - t.ok - t.failed:,} pending of {rows:,} rows from {source}" if source else ""
+    click.echo(f"{spec.name}: {t.ok:,} ok, {t.failed:,} failed{of}; ${t.cost_usd:.6f} spent")
+    click.echo(f"checkpoint {path}")
+    if meta["last_started"]:
+        when = _when(float(meta["last_started"]))
+        if meta["last_finished"]:
+            done = _when(float(meta["last_finished"]))
+            click.echo(f"last run started {when}, finished {done}, exit {meta['last_exit']}")
+        else:
+            click.echo(f"last run started {when} and has not finished (running, or killed)")
+    if flight.rows:
+        click.echo(f"{flight.rows:,} requests in flight with no answer recorded")
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 @main.command()

@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 
@@ -49,6 +50,8 @@ class Work:
     request: HttpRequest
     #: Estimated cost against the TPM limit: prompt tokens plus max output tokens.
     tokens: int
+    #: The request body's hash: the journal's key for identical requests.
+    digest: str = ""
 
 
 @dataclass(slots=True)
@@ -59,6 +62,13 @@ class Outcome:
     attempts: int
     http_status: int | None = None
     latency_ms: float | None = None
+    digest: str | None = None
+
+
+class Sink(Protocol):
+    """Where workers put outcomes: any queue that takes them."""
+
+    async def put(self, item: Outcome, /) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,7 @@ class Dispatcher:
         policy: RetryPolicy,
         check: Callable[[Answer], None],
         *,
+        before_send: Callable[[Work], Awaitable[None]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         seed: int | None = None,
     ) -> None:
@@ -102,6 +113,8 @@ class Dispatcher:
         self._limiter = limiter
         self._policy = policy
         self._check = check
+        #: Awaited before a row's first attempt: the journal records it as sent.
+        self._before_send = before_send
         self._sleep = sleep
         self._rng = random.Random(seed)
         self._same_error: tuple[str, int] = ("", 0)
@@ -118,9 +131,7 @@ class Dispatcher:
         if self.stop_reason is None:
             self.stop_reason = reason
 
-    async def worker(
-        self, inbox: asyncio.Queue[Work | None], outbox: asyncio.Queue[Outcome | None]
-    ) -> None:
+    async def worker(self, inbox: asyncio.Queue[Work | None], outbox: Sink) -> None:
         """Serve `inbox` until its `None`; one Outcome per row sent, none for rows left."""
         while (work := await inbox.get()) is not None:
             if self.stopped:
@@ -132,6 +143,8 @@ class Dispatcher:
     async def send(self, work: Work) -> Outcome | None:
         """All attempts for one row. None when the run stopped before the row was done."""
         sends = tries = 0  # tries: the sends that count against max_attempts
+        if self._before_send is not None:
+            await self._before_send(work)
         while True:
             await self._limiter.acquire(work.tokens)
             if self.stopped:
@@ -171,7 +184,7 @@ class Dispatcher:
             failure, answer = exc, None
         latency = (time.perf_counter() - started) * 1000.0
         status = response.status if response is not None else None
-        return Outcome(work.row, answer, failure, attempt, status, latency)
+        return Outcome(work.row, answer, failure, attempt, status, latency, work.digest)
 
     def _read(self, response: HttpResponse) -> Answer:
         try:

@@ -1,21 +1,31 @@
 """The checkpoint: every row's result in SQLite, committed before it counts as done.
 
-    journal = Journal.open(Path("out/summarise.journal.sqlite"), fingerprint, fresh=False)
-    journal.write([result, ...])          # one transaction: a group commit
-    journal.done_rows(0, 999)             # rows already answered, skipped on resume
-    journal.results(0, 999)               # a polars frame of results, for the output
+    journal = Journal.open(Path("out/x.journal.sqlite"), fingerprint, fresh=False)
+    journal.write(sending=[(row, digest, tokens)], results=[result])  # one group commit
+    journal.done_rows(0, 999)        # rows already answered, skipped on resume
+    journal.results(0, 999)          # a polars frame of results, for the output
+    journal.in_flight()              # rows recorded as sent with no answer: a crash's toll
+
+A row is recorded in `inflight` before its request goes out and leaves it in the same
+transaction that stores its result, so after a crash the rows that may have been sent
+(and billed) without an answer on record are known exactly.
 
 WAL mode with synchronous=NORMAL: a commit survives the process being killed at any
-instant (it is in the WAL before `write` returns); one writer, many readers.
+instant; only power loss can take the last transactions, and it never corrupts the
+file. One writer (an OS lock that dies with its process), many readers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import IO
 
 import orjson
 import polars as pl
@@ -23,7 +33,12 @@ import polars as pl
 from pipeline.errors import JobError, OutputError
 from pipeline.parse import RESULT_SCHEMA, RowResult
 
+#: What `results` returns: the row and the output's result columns.
 _COLUMNS = ("row", *RESULT_SCHEMA)
+#: What is stored: RowResult's fields, in order.
+_STORED = ("row", "request_hash", *RESULT_SCHEMA)
+#: SQLite allows 999 parameters in one statement on old builds; stay well under.
+_IN_CHUNK = 500
 
 
 def _sql_type(dtype: pl.DataType) -> str:
@@ -36,12 +51,20 @@ _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (
     row INTEGER PRIMARY KEY,
+    request_hash TEXT,
     {", ".join(f"{name} {_sql_type(dtype)}" for name, dtype in RESULT_SCHEMA.items())}
+);
+CREATE INDEX IF NOT EXISTS results_by_hash ON results (request_hash);
+CREATE TABLE IF NOT EXISTS inflight (
+    row INTEGER PRIMARY KEY,
+    request_hash TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    sent_at REAL NOT NULL
 );
 """
 _INSERT = (
-    f"INSERT OR REPLACE INTO results ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
+    f"INSERT OR REPLACE INTO results ({', '.join(_STORED)}) "
+    f"VALUES ({', '.join('?' for _ in _STORED)})"
 )
 
 
@@ -54,63 +77,97 @@ class Totals:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """Rows recorded as sent that have no result: sent again on resume."""
+
+    rows: int
+    #: Their estimated tokens (prompt + max output): the most they may have cost.
+    tokens: int
+
+
 class Journal:
-    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, connection: sqlite3.Connection, lock: IO[str] | None):
         self.path = path
         self._db = connection
+        self._lock = lock
         # Reads come from the producer's thread while the writer commits: a connection
         # of their own, which in WAL mode sees every committed row and never blocks.
         self._reader = _connect(path)
 
     @classmethod
     def open(cls, path: Path, fingerprint: dict[str, str], *, fresh: bool) -> Journal:
-        """Open (or start) the journal; refuse one written by a different job."""
+        """Open (or start) the journal for a run: take the lock, check the fingerprint."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {path.parent}: {exc.strerror}") from None
+        lock = _lock(path)
+        try:
             if fresh:
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{path}{suffix}").unlink(missing_ok=True)
             db = _connect(path)
             db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise OutputError(f"cannot open the checkpoint {path}: {exc}") from None
-        journal = cls(path, db)
-        journal._check_fingerprint(fingerprint)
+            journal = cls(path, db, lock)
+            journal._check_fingerprint(fingerprint)
+        except BaseException:
+            lock.close()
+            raise
         return journal
 
-    def _check_fingerprint(self, fingerprint: dict[str, str]) -> None:
-        stored = self._meta("fingerprint")
-        if stored is None:
-            self._set_meta("fingerprint", orjson.dumps(fingerprint).decode())
-            self._set_meta("created", str(time.time()))
-            return
-        previous: dict[str, str] = orjson.loads(stored)
-        changed = [
-            k
-            for k in sorted(fingerprint.keys() | previous.keys())
-            if fingerprint.get(k) != previous.get(k)
-        ]
-        if changed and self.count() > 0:
-            raise JobError(
-                f"the checkpoint {self.path} was written by a different version of this job "
-                f"({', '.join(changed)} changed since). Run with --fresh to start over "
-                "(its results are discarded), or restore the job as it was to resume"
-            )
-        self._set_meta("fingerprint", orjson.dumps(fingerprint).decode())
+    @classmethod
+    def read(cls, path: Path) -> Journal:
+        """Open an existing journal to read it, even while a run writes to it."""
+        if not path.exists():
+            raise JobError(f"no checkpoint at {path}: the job has not run yet")
+        return cls(path, _connect(path), lock=None)
 
-    def _meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    def _check_fingerprint(self, fingerprint: dict[str, str]) -> None:
+        stored = self.meta("fingerprint")
+        if stored is not None:
+            previous: dict[str, str] = orjson.loads(stored)
+            keys = sorted(fingerprint.keys() | previous.keys())
+            changed = [k for k in keys if fingerprint.get(k) != previous.get(k)]
+            if changed and self.count() > 0:
+                raise JobError(
+                    f"the checkpoint {self.path} was written by a different version of this "
+                    f"job ({', '.join(changed)} changed since). Run with --fresh to start over "
+                    "(its results are discarded), or restore the job as it was to resume"
+                )
+        self.set_meta(fingerprint=orjson.dumps(fingerprint).decode())
+
+    def meta(self, key: str) -> str | None:
+        row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def _set_meta(self, key: str, value: str) -> None:
+    def set_meta(self, **values: str) -> None:
         with self._db:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
 
-    def write(self, results: Sequence[RowResult]) -> None:
-        """Commit `results` in one transaction. When it returns, they are durable."""
+    def write(
+        self,
+        *,
+        sending: Sequence[tuple[int, str, int]] = (),
+        results: Sequence[RowResult] = (),
+    ) -> None:
+        """One transaction: rows about to be sent, and results (which end their flight).
+
+        When it returns, all of it is durable.
+        """
+        now = time.time()
         try:
             with self._db:
-                self._db.executemany(_INSERT, [astuple(r) for r in results])
+                if sending:
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO inflight VALUES (?, ?, ?, ?)",
+                        [(row, digest, tokens, now) for row, digest, tokens in sending],
+                    )
+                if results:
+                    self._db.executemany(_INSERT, [astuple(r) for r in results])
+                    self._db.executemany(
+                        "DELETE FROM inflight WHERE row = ?", [(r.row,) for r in results]
+                    )
         except sqlite3.Error as exc:
             raise OutputError(f"cannot write the checkpoint {self.path}: {exc}") from None
 
@@ -122,6 +179,23 @@ class Journal:
         )
         return {r for (r,) in cursor}
 
+    def answered(self, digests: Iterable[str]) -> dict[str, RowResult]:
+        """An ok result for each of these request hashes that has one."""
+        found: dict[str, RowResult] = {}
+        wanted = list(dict.fromkeys(digests))
+        for start in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[start : start + _IN_CHUNK]
+            marks = ", ".join("?" for _ in chunk)
+            cursor = self._reader.execute(
+                f"SELECT {', '.join(_STORED)} FROM results "
+                f"WHERE status = 'ok' AND request_hash IN ({marks})",
+                chunk,
+            )
+            for values in cursor:
+                result = RowResult(*values)
+                found.setdefault(str(result.request_hash), result)
+        return found
+
     def results(self, first: int, last: int) -> pl.DataFrame:
         """Results of rows in [first, last], as a frame with `row` and RESULT_SCHEMA."""
         cursor = self._reader.execute(
@@ -131,12 +205,18 @@ class Journal:
         schema = {"row": pl.Int64(), **RESULT_SCHEMA}
         return pl.DataFrame(cursor.fetchall(), schema=schema, orient="row")
 
+    def in_flight(self) -> InFlight:
+        rows, tokens = self._reader.execute(
+            "SELECT count(*), total(tokens) FROM inflight"
+        ).fetchone()
+        return InFlight(int(rows), int(tokens))
+
     def count(self) -> int:
-        (n,) = self._db.execute("SELECT count(*) FROM results").fetchone()
+        (n,) = self._reader.execute("SELECT count(*) FROM results").fetchone()
         return int(n)
 
     def totals(self) -> Totals:
-        row = self._db.execute(
+        row = self._reader.execute(
             "SELECT count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE status != 'ok'),"
             " total(cost_usd), total(prompt_tokens), total(completion_tokens) FROM results"
         ).fetchone()
@@ -145,15 +225,45 @@ class Journal:
     def close(self) -> None:
         self._reader.close()
         self._db.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+
+
+def _lock(path: Path) -> IO[str]:
+    """Hold an exclusive lock beside the journal for the process's lifetime.
+
+    flock locks belong to the open file: the kernel drops them when the process dies,
+    `kill -9` included, so a crashed run never leaves a stale lock behind.
+    """
+    lock_path = Path(f"{path}.lock")
+    try:
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held open until close()
+    except OSError as exc:
+        raise OutputError(f"cannot create the lock file {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise JobError(
+            f"another run of this job is in progress (pid {owner}) and holds {path}; "
+            "wait for it to finish or stop it, or give this run its own --output"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def _connect(path: Path) -> sqlite3.Connection:
     # One connection, used by one thread at a time (the writer's to_thread calls are
     # awaited one after another), so the same-thread check only gets in the way.
     db = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
-    db.execute("PRAGMA journal_mode=WAL")
-    # In WAL mode, NORMAL keeps every commit across a process crash; only power loss
-    # can take the last transactions, and never corrupts the file.
+    with contextlib.suppress(sqlite3.OperationalError):  # a reader of a busy file
+        db.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode, NORMAL keeps every commit across a process crash.
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA busy_timeout=5000")
     return db

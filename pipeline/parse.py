@@ -51,6 +51,8 @@ class RowResult:
     """One row's result, as stored and as written to the output."""
 
     row: int
+    #: sha256 of the request body (hex, 128 bits): identical requests share it.
+    request_hash: str | None
     status: str
     error_type: str | None = None
     error: str | None = None
@@ -76,6 +78,7 @@ def to_result(outcome: Outcome, pricer: Pricer) -> RowResult:
         answer = failure.answer  # type: ignore[assignment]
     result = RowResult(
         row=outcome.row,
+        request_hash=outcome.digest,
         status="ok" if failure is None else "failed",
         attempts=outcome.attempts,
         http_status=outcome.http_status,

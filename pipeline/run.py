@@ -1,270 +1,64 @@
-"""Wires the stages for one run: check everything, send, commit, write, summarise.
+"""One run: send what is not done yet, commit every answer, write the output and summary.
 
-    plan = make_plan(load_job(path), RunOptions(simulate=True))   # nothing sent yet
-    report = asyncio.run(execute(plan))                           # the run itself
+    plan = make_plan(load_job(path), RunOptions(simulate=True))   # plan.py: nothing sent
+    report = asyncio.run(execute(plan, notify=print))             # the run itself
     report.exit_code
 
-`make_plan` is everything that can be checked without sending a request (the job, the
-input, the templates, the price, the key); `pipeline validate` stops there.
+A producer renders rows into a bounded queue, a fixed pool of workers sends them, and
+one writer commits to the journal: a row is recorded as sent before it goes out, and
+its result is committed before it counts as done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
-import os
+import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 import polars as pl
 
 from pipeline import __version__
-from pipeline.cost import Pricer, make_pricer
 from pipeline.dispatch import Dispatcher, Outcome, RetryPolicy, Work
-from pipeline.endpoints import Endpoint, HttpRequest, Usage, auth_headers, make_endpoint
+from pipeline.endpoints import HttpRequest, Usage, auth_headers
 from pipeline.errors import (
     BudgetReached,
     Interrupted,
     JobError,
+    OutputError,
     PipelineError,
     RowRejected,
-    SpecError,
 )
 from pipeline.journal import Journal
 from pipeline.limits import Limiter
-from pipeline.output import output_format, result_columns, write_bytes_atomic, write_output
-from pipeline.parse import (
-    AnswerCheck,
-    RowResult,
-    fields_dtype,
-    strict_schema_problem,
-    to_result,
-)
+from pipeline.output import write_bytes_atomic, write_output
+from pipeline.parse import RowResult, to_result
+from pipeline.plan import BATCH_ROWS, Plan, fingerprint, limited
 from pipeline.progress import Counters, Display
-from pipeline.render import NullValue, Renderer, RenderFailed, estimate_tokens
-from pipeline.source import ROW_INDEX, Source, open_source
-from pipeline.spec import OPENAI_BASE_URL, Job
+from pipeline.render import NullValue, RenderFailed, estimate_tokens
+from pipeline.source import ROW_INDEX
+from pipeline.spec import Job
 from pipeline.transport import AiohttpTransport
 
-#: Rows read, rendered and queued at a time: bounds memory whatever the input's size.
-BATCH_ROWS = 2_000
-#: Outcomes committed in one transaction at most; a commit takes whatever is waiting.
+#: Entries committed in one transaction at most; a commit takes whatever is waiting.
 COMMIT_ROWS = 2_000
 #: After SIGINT/SIGTERM, how long in-flight requests may take to finish.
 DRAIN_S = 30.0
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Command-line overrides; None means 'as the job file says'."""
-
-    input: Path | None = None
-    output: Path | None = None
-    base_url: str | None = None
-    model: str | None = None
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
-    limit: int | None = None
-    max_cost: float | None = None
-    simulate: bool = False
-    fresh: bool = False
-    #: Send again the rows an earlier run recorded as failed.
-    retry_failed: bool = False
-    journal: Path | None = None
-
-
-@dataclass(frozen=True)
-class Plan:
-    job: Job
-    source: Source
-    renderer: Renderer
-    endpoint: Endpoint
-    check: AnswerCheck
-    fields: pl.Struct | None
-    pricer: Pricer
-    #: None with --simulate: the simulator's address is known once it listens.
-    base_url: str | None
-    api_key: str | None = field(repr=False)
-    #: Set when no key is at hand for a server that needs one: `run` refuses to start.
-    key_problem: str | None
-    rows: int
-    options: RunOptions
-
-    @property
-    def output(self) -> Path:
-        return self.job.output_path
-
-    @property
-    def journal_path(self) -> Path:
-        if self.options.journal is not None:
-            return self.options.journal
-        return self.output.with_name(f"{self.output.stem}.journal.sqlite")
-
-    @property
-    def summary_path(self) -> Path:
-        return self.output.with_name(f"{self.output.stem}.summary.json")
-
-
-def apply_options(job: Job, opts: RunOptions) -> Job:
-    """Flags win over the job file."""
-    req: dict[str, Any] = {"model": opts.model, "base_url": opts.base_url}
-    lim: dict[str, Any] = {
-        "rpm": opts.rpm,
-        "tpm": opts.tpm,
-        "concurrency": opts.concurrency,
-        "max_cost": opts.max_cost,
-    }
-    updates: dict[str, Any] = {
-        "request": job.request.model_copy(update={k: v for k, v in req.items() if v}),
-        "limits": job.limits.model_copy(update={k: v for k, v in lim.items() if v}),
-    }
-    if opts.input is not None:
-        updates["input"] = job.input.model_copy(update={"path": opts.input.resolve()})
-    if opts.output is not None:
-        updates["output"] = job.output.model_copy(update={"path": opts.output.resolve()})
-    return job.model_copy(update=updates)
-
-
-def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -> Plan:
-    """Check everything that can be checked before sending; raise JobError if anything is off."""
-    job = apply_options(job, opts)
-    source = open_source(job.input.path, format=job.input.format, key=job.input.key)
-    renderer = Renderer(job.template, source.columns)
-    schema = job.json_schema()
-    fields = _fields(job, schema)
-    _check_collisions(source.columns, result_columns(fields, job.output.prefix))
-    output_format(job.output_path)
-    pricer = make_pricer(job.request.model, job.price)
-    base_url, api_key = _target(job, opts, env)
-    rows = source.count()
-    return Plan(
-        job=job,
-        source=source,
-        renderer=renderer,
-        endpoint=make_endpoint(job.request, base_url or "", schema),
-        check=AnswerCheck(schema, json_object=job.request.response_format == "json_object"),
-        fields=fields,
-        pricer=pricer,
-        base_url=base_url,
-        api_key=api_key,
-        key_problem=_key_problem(job, base_url, api_key),
-        rows=min(rows, opts.limit) if opts.limit is not None else rows,
-        options=opts,
-    )
-
-
-def _fields(job: Job, schema: dict[str, Any] | None) -> pl.Struct | None:
-    """The JSON answer's typed columns; a schema the API would refuse is a job error."""
-    if schema is None:
-        return None
-    spec = job.request.json_schema
-    if spec is not None and spec.strict and (problem := strict_schema_problem(schema)):
-        raise SpecError(
-            f"the JSON schema breaks OpenAI's strict mode rules at {problem}; "
-            "or set strict = false in [request.json_schema]"
-        )
-    try:
-        return fields_dtype(schema)
-    except ValueError as exc:
-        raise SpecError(f"the JSON schema: {exc}") from None
-
-
-def _target(job: Job, opts: RunOptions, env: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """Base URL and key: flag > environment > job file. No key is needed offline."""
-    if opts.simulate:
-        return None, None
-    base_url = (
-        opts.base_url or env.get("OPENAI_BASE_URL") or job.request.base_url or OPENAI_BASE_URL
-    ).rstrip("/")
-    if urlsplit(base_url).scheme not in ("http", "https"):
-        raise SpecError(f"base URL {base_url!r} must start with http:// or https://")
-    return base_url, env.get(job.request.api_key_env) or None
-
-
-def _key_problem(job: Job, base_url: str | None, api_key: str | None) -> str | None:
-    """Why the run cannot start for want of a key, or None. api.openai.com needs one."""
-    if api_key is not None or base_url is None or urlsplit(base_url).hostname != "api.openai.com":
-        return None
-    var = job.request.api_key_env
-    return (
-        f"no API key: set {var} (export {var}=...), or point --base-url at an "
-        "OpenAI-compatible server, or try the job offline with --simulate"
-    )
-
-
-def _check_collisions(columns: tuple[str, ...], results: list[str]) -> None:
-    clash = [c for c in results if c in columns]
-    if clash:
-        raise JobError(
-            f"the input already has column(s) {', '.join(clash)}, which the output adds as "
-            'result columns: set [output] prefix = "llm_" (any prefix) in the job'
-        )
-
-
-def fingerprint(plan: Plan) -> dict[str, str]:
-    """What the results depend on, the input file included (by path, size and mtime)."""
-    stat = plan.source.path.stat()
-    parts = plan.job.fingerprint()
-    parts["input"] = f"{plan.source.path}:{stat.st_size}:{stat.st_mtime_ns}"
-    return parts
-
-
-def limited(batches: Iterator[pl.DataFrame], limit: int | None) -> Iterator[pl.DataFrame]:
-    """The batches up to row `limit` (all of them when None)."""
-    for batch in batches:
-        if limit is not None:
-            batch = batch.filter(pl.col(ROW_INDEX) < limit)
-            if batch.height == 0:
-                return
-        yield batch
-
-
-@dataclass(frozen=True)
-class Estimate:
-    rows: int
-    #: Rows that would fail before sending (a null the job forbids, a template error).
-    rejected: int
-    prompt_tokens: int
-    #: The most completion tokens the rows can use: rows x max_tokens.
-    max_completion_tokens: int
-    #: Cost of the prompts alone, and with every answer at max_tokens.
-    cost_low: float
-    cost_high: float
-    #: Minutes the rate limits allow it to take at best; None with no limits set.
-    minutes: float | None
-
-
-def estimate(plan: Plan) -> Estimate:
-    """Render every row and add up what the run would cost. Sends nothing."""
-    rows = rejected = prompt = 0
-    for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
-        for row in batch.iter_rows(named=True):
-            try:
-                prompt += estimate_tokens(plan.renderer.messages(row))
-                rows += 1
-            except (NullValue, RenderFailed):
-                rejected += 1
-    completion = rows * plan.endpoint.max_output_tokens()
-    limits = plan.job.limits
-    bounds = [rows / limits.rpm if limits.rpm else 0.0]
-    bounds.append((prompt + completion) / limits.tpm if limits.tpm else 0.0)
-    return Estimate(
-        rows=rows,
-        rejected=rejected,
-        prompt_tokens=prompt,
-        max_completion_tokens=completion,
-        cost_low=plan.pricer.cost(Usage(prompt_tokens=prompt)),
-        cost_high=plan.pricer.cost(Usage(prompt_tokens=prompt, completion_tokens=completion)),
-        minutes=max(bounds) if limits.rpm or limits.tpm else None,
-    )
+#: Answers kept in memory to share with identical requests that come later. The
+#: journal answers for older ones; this closes the gap while a commit is on its way.
+RECENT_ANSWERS = 10_000
+#: Disk a run needs at the least: SQLite and Parquet need room to work, and every
+#: row's result takes a few hundred bytes in the journal and again in the output.
+MIN_FREE_BYTES = 64 * 2**20
+BYTES_PER_ROW = 512
 
 
 @dataclass
@@ -274,68 +68,106 @@ class Report:
     summary: dict[str, Any]
 
 
+@dataclass(slots=True)
+class Sending:
+    """A row about to be sent; `recorded` resolves once that is durable."""
+
+    work: Work
+    recorded: asyncio.Future[None]
+
+
+Entry = Outcome | Sending | RowResult | None
+
+
 class Runner:
     """One run's moving parts: a producer, the workers and the journal writer."""
 
-    def __init__(self, plan: Plan, journal: Journal, base_url: str, api_key: str | None):
+    def __init__(self, plan: Plan, journal: Journal, base_url: str):
         self.plan = plan
         self.journal = journal
         job = plan.job
         self.url = base_url + plan.endpoint.path
-        self.headers = auth_headers(api_key)
+        self.headers = auth_headers(plan.api_key)
         self.limiter = Limiter(rpm=job.limits.rpm, tpm=job.limits.tpm)
         totals = journal.totals()
         resumed = totals.ok if plan.options.retry_failed else totals.ok + totals.failed
         self.counters = Counters(total=plan.rows, resumed=resumed)
         self.dispatcher: Dispatcher | None = None
+        self._outbox: asyncio.Queue[Entry] = asyncio.Queue(maxsize=COMMIT_ROWS)
+        self._dedupe = job.request.dedupe
+        #: In-flight requests by hash -> the rows waiting for the same answer.
+        self._leaders: dict[str, list[int]] = {}
+        self._recent: OrderedDict[str, RowResult] = OrderedDict()
+        self.shared = 0  # rows answered by an identical request's answer
 
     async def run(self, transport: AiohttpTransport) -> Dispatcher:
         limits = self.plan.job.limits
         policy = RetryPolicy(limits.max_attempts, limits.backoff_s, limits.backoff_max_s)
         self.dispatcher = dispatcher = Dispatcher(
-            transport, self.plan.endpoint, self.limiter, policy, self.plan.check
+            transport,
+            self.plan.endpoint,
+            self.limiter,
+            policy,
+            self.plan.check,
+            before_send=self._record_sending,
         )
         # Bounded queues: a full inbox blocks the producer (backpressure), so memory
         # holds a batch and a few requests per worker, never the whole input.
         inbox: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=limits.concurrency * 2)
-        outbox: asyncio.Queue[Outcome | None] = asyncio.Queue(maxsize=COMMIT_ROWS)
         try:
             async with Display(self.counters, dispatcher.stats), asyncio.TaskGroup() as tg:
-                writer = tg.create_task(self._write(outbox))
-                producer = tg.create_task(self._produce(inbox, outbox, limits.concurrency))
+                writer = tg.create_task(self._write())
+                producer = tg.create_task(self._produce(inbox, limits.concurrency))
                 workers = [
-                    tg.create_task(dispatcher.worker(inbox, outbox))
+                    tg.create_task(dispatcher.worker(inbox, self._outbox))
                     for _ in range(limits.concurrency)
                 ]
                 await producer
                 await asyncio.gather(*workers)
-                await outbox.put(None)
+                await self._outbox.put(None)
                 await writer
         except* PipelineError as group:
             # A stage failed for the whole run (the disk, say): report that one, plainly.
             raise group.exceptions[0] from None
         return dispatcher
 
-    async def _produce(
-        self, inbox: asyncio.Queue[Work | None], outbox: asyncio.Queue[Outcome | None], workers: int
-    ) -> None:
+    async def _record_sending(self, work: Work) -> None:
+        recorded = asyncio.get_running_loop().create_future()
+        await self._outbox.put(Sending(work, recorded))
+        await recorded
+
+    async def _produce(self, inbox: asyncio.Queue[Work | None], workers: int) -> None:
         assert self.dispatcher is not None
         batches = limited(self.plan.source.batches(BATCH_ROWS), self.plan.options.limit)
         while not self.dispatcher.stopped:
             batch = await asyncio.to_thread(next, batches, None)
             if batch is None:
                 break
-            works, rejected = await asyncio.to_thread(self._prepare, batch)
-            for outcome in rejected:
-                await outbox.put(outcome)
+            works, ready = await asyncio.to_thread(self._prepare, batch)
+            for entry in ready:
+                await self._outbox.put(entry)
             for work in works:
                 if self.dispatcher.stopped:
                     break
-                await inbox.put(work)
+                if not self._dedupe or await self._lead(work):
+                    await inbox.put(work)
         for _ in range(workers):
             await inbox.put(None)
 
-    def _prepare(self, batch: pl.DataFrame) -> tuple[list[Work], list[Outcome]]:
+    async def _lead(self, work: Work) -> bool:
+        """True if `work` must be sent; else it waits for, or takes, an identical answer."""
+        followers = self._leaders.get(work.digest)
+        if followers is not None:
+            followers.append(work.row)
+            return False
+        recent = self._recent.get(work.digest)
+        if recent is not None:
+            await self._outbox.put(_shared(recent, work.row))
+            return False
+        self._leaders[work.digest] = []
+        return True
+
+    def _prepare(self, batch: pl.DataFrame) -> tuple[list[Work], list[Entry]]:
         """Render a batch's rows not yet done into requests (runs in a thread)."""
         rows = batch.get_column(ROW_INDEX)
         done = self.journal.done_rows(
@@ -346,7 +178,7 @@ class Runner:
         renderer, endpoint = self.plan.renderer, self.plan.endpoint
         extra_tokens = endpoint.max_output_tokens()
         works: list[Work] = []
-        rejected: list[Outcome] = []
+        ready: list[Entry] = []
         for row in batch.iter_rows(named=True):
             index = row[ROW_INDEX]
             if index in done:
@@ -354,31 +186,54 @@ class Runner:
             try:
                 messages = renderer.messages(row)
             except (NullValue, RenderFailed) as exc:
-                rejected.append(Outcome(index, None, RowRejected(str(exc)), attempts=0))
+                ready.append(Outcome(index, None, RowRejected(str(exc)), attempts=0))
                 continue
             body = orjson.dumps(endpoint.body(messages))
             request = HttpRequest("POST", self.url, self.headers, body)
-            works.append(Work(index, request, estimate_tokens(messages) + extra_tokens))
-        return works, rejected
+            tokens = estimate_tokens(messages) + extra_tokens
+            works.append(Work(index, request, tokens, _digest(body)))
+        if self._dedupe and works:
+            answered = self.journal.answered(w.digest for w in works)
+            ready.extend(_shared(answered[w.digest], w.row) for w in works if w.digest in answered)
+            works = [w for w in works if w.digest not in answered]
+        return works, ready
 
-    async def _write(self, outbox: asyncio.Queue[Outcome | None]) -> None:
+    async def _write(self) -> None:
         """The journal's one writer: commits whatever has arrived, in one transaction."""
         finished = False
         while not finished:
-            outcomes = [await outbox.get()]
-            while not outbox.empty() and len(outcomes) < COMMIT_ROWS:
-                outcomes.append(outbox.get_nowait())
-            finished = outcomes[-1] is None
-            results = [self._result(o) for o in outcomes if o is not None]
-            if results:
-                await asyncio.to_thread(self.journal.write, results)
-                self._count(results)
+            entries = [await self._outbox.get()]
+            while not self._outbox.empty() and len(entries) < COMMIT_ROWS:
+                entries.append(self._outbox.get_nowait())
+            finished = entries[-1] is None
+            sending: list[tuple[int, str, int]] = []
+            waiting: list[asyncio.Future[None]] = []
+            results: list[RowResult] = []
+            for entry in entries:
+                if isinstance(entry, Sending):
+                    sending.append((entry.work.row, entry.work.digest, entry.work.tokens))
+                    waiting.append(entry.recorded)
+                elif isinstance(entry, Outcome):
+                    results.extend(self._results(entry))
+                elif isinstance(entry, RowResult):
+                    results.append(entry)
+            if sending or results:
+                await asyncio.to_thread(self.journal.write, sending=sending, results=results)
+            for future in waiting:
+                future.set_result(None)
+            self._count(results)
 
-    def _result(self, outcome: Outcome) -> RowResult:
+    def _results(self, outcome: Outcome) -> list[RowResult]:
+        """The outcome's row, and the rows that sent nothing and wait for its answer."""
         result = to_result(outcome, self.plan.pricer)
         if result.error is not None:
             result.error = redact(result.error, self.plan.api_key)
-        return result
+        followers = self._leaders.pop(outcome.digest or "", [])
+        if result.status == "ok" and outcome.digest:
+            self._recent[outcome.digest] = result
+            if len(self._recent) > RECENT_ANSWERS:
+                self._recent.popitem(last=False)
+        return [result, *(_shared(result, row) for row in followers)]
 
     def _count(self, results: list[RowResult]) -> None:
         c = self.counters
@@ -391,6 +246,7 @@ class Runner:
             c.prompt_tokens += r.prompt_tokens or 0
             c.completion_tokens += r.completion_tokens or 0
             c.cost_usd += r.cost_usd or 0.0
+            self.shared += r.attempts == 0 and r.request_id is not None
         max_cost = self.plan.job.limits.max_cost
         if max_cost is not None and c.cost_usd >= max_cost and self.dispatcher is not None:
             self.dispatcher.stop(
@@ -398,19 +254,45 @@ class Runner:
             )
 
 
-async def execute(plan: Plan) -> Report:
+def _digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
+def _shared(result: RowResult, row: int) -> RowResult:
+    """An identical request's answer for another row: not sent, so not billed again."""
+    return dataclasses.replace(result, row=row, attempts=0, cost_usd=0.0, latency_ms=None)
+
+
+async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) -> Report:
     """Run the plan: send what is not done yet, then write the output and the summary."""
     started = time.time()
     if plan.key_problem is not None:
         raise JobError(plan.key_problem)
+    check_disk(plan)
     journal = Journal.open(plan.journal_path, fingerprint(plan), fresh=plan.options.fresh)
     try:
+        journal.set_meta(
+            last_started=str(started),
+            last_finished="",
+            last_exit="",
+            input=str(plan.source.path),
+            rows=str(plan.rows),
+        )
+        resume = _resume_note(plan, journal)
+        if resume:
+            notify(resume)
         async with _server(plan) as base_url:
-            runner = Runner(plan, journal, base_url, plan.api_key)
+            runner = Runner(plan, journal, base_url)
             dispatcher = await _run_with_signals(runner, plan.job)
         summary = await asyncio.to_thread(_finish, plan, journal, runner, started)
+        report = _report(plan, dispatcher, summary)
+        journal.set_meta(last_finished=str(time.time()), last_exit=str(report.exit_code))
     finally:
         journal.close()
+    return report
+
+
+def _report(plan: Plan, dispatcher: Dispatcher, summary: dict[str, Any]) -> Report:
     reason = dispatcher.stop_reason
     if reason is not None:
         return Report(reason.exit_code, redact(str(reason), plan.api_key), summary)
@@ -418,6 +300,49 @@ async def execute(plan: Plan) -> Report:
     if summary["failed"] and failed_share > plan.job.limits.max_error_rate:
         return Report(1, f"{summary['failed']} row(s) failed; see `error` in the output", summary)
     return Report(0, None, summary)
+
+
+def _resume_note(plan: Plan, journal: Journal) -> str | None:
+    """What a resume will skip, and what the last run's crash may have cost."""
+    done = journal.count()
+    if done == 0:
+        return None
+    note = f"resuming from {journal.path}: {done:,} rows done by earlier runs are not sent again"
+    flight = journal.in_flight()
+    if flight.rows:
+        out = plan.endpoint.max_output_tokens()
+        most = plan.pricer.cost(
+            Usage(
+                prompt_tokens=flight.tokens - flight.rows * out, completion_tokens=flight.rows * out
+            )
+        )
+        note += (
+            f"; {flight.rows:,} requests were in flight when the last run stopped: they are sent "
+            f"again and may be billed twice (at most ${most:.4f})"
+        )
+    return note
+
+
+def check_disk(plan: Plan) -> None:
+    """Stop before spending if the output or the checkpoint cannot be written."""
+    for directory in {plan.output.parent, plan.journal_path.parent}:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = directory / f".pipeline-probe-{time.monotonic_ns()}"
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write to {directory} ({exc.strerror or exc}): choose another "
+                "--output (or --journal) or fix the folder's permissions"
+            ) from None
+        free = shutil.disk_usage(directory).free
+        need = MIN_FREE_BYTES + plan.rows * BYTES_PER_ROW
+        if free < need:
+            raise OutputError(
+                f"only {free / 2**20:,.0f} MiB free on {directory}; the run needs at least "
+                f"{need / 2**20:,.0f} MiB. Free some space or choose another --output / --journal"
+            )
 
 
 @contextlib.asynccontextmanager
@@ -429,7 +354,8 @@ async def _server(plan: Plan) -> AsyncIterator[str]:
     from pipeline.simulator import SimConfig, Simulator
 
     limits = plan.job.limits
-    async with Simulator(SimConfig(rpm=limits.rpm, tpm=limits.tpm, latency_ms=20)) as url:
+    config = SimConfig(rpm=limits.rpm, tpm=limits.tpm, latency_ms=20, track_bodies=False)
+    async with Simulator(config) as url:
         yield url.rstrip("/")
 
 
@@ -495,6 +421,7 @@ def _finish(plan: Plan, journal: Journal, runner: Runner, started: float) -> dic
         "failed": totals.failed,
         "pending": written - totals.ok - totals.failed,
         "resumed": c.resumed,
+        "shared_answers": runner.shared,
         "cut_off_by_max_tokens": c.cut_off,
         "requests_sent": stats.sent,
         "retries": stats.retries,

@@ -85,6 +85,9 @@ class RequestSpec(_Strict):
     json_schema: JsonSchemaSpec | None = None
     #: Sent as they are, merged into the request body (e.g. `{ logprobs = true }`).
     extra_body: dict[str, Any] = Field(default_factory=dict)
+    #: Send identical requests once per run and share the answer. Turn off when
+    #: sampling (temperature > 0) makes repeated identical requests meaningful.
+    dedupe: bool = True
     timeout_s: float = Field(default=DEFAULT_TIMEOUT_S, gt=0)
     connect_timeout_s: float = Field(default=DEFAULT_CONNECT_TIMEOUT_S, gt=0)
 
@@ -190,7 +193,16 @@ class Job(_Strict):
             "endpoint": req.endpoint,
             "parameters": req.model_dump(
                 mode="json",
-                exclude={"model", "endpoint", "base_url", "api_key_env", "json_schema"},
+                exclude={
+                    "model",
+                    "endpoint",
+                    "base_url",
+                    "api_key_env",
+                    "json_schema",
+                    "dedupe",
+                    "timeout_s",
+                    "connect_timeout_s",
+                },
             ),
             "output schema": self.json_schema(),
         }

@@ -1,0 +1,240 @@
+"""Everything that can be checked before a request is sent, and what a run would cost.
+
+    plan = make_plan(load_job(path), RunOptions(simulate=True))   # raises JobError if off
+    estimate(plan).cost_high                                      # USD at most, no request
+
+`pipeline validate` and `pipeline estimate` stop here; `pipeline run` goes on to
+`run.execute(plan)`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import polars as pl
+
+from pipeline.cost import Pricer, make_pricer
+from pipeline.endpoints import Endpoint, Usage, make_endpoint
+from pipeline.errors import JobError, SpecError
+from pipeline.output import output_format, result_columns
+from pipeline.parse import AnswerCheck, fields_dtype, strict_schema_problem
+from pipeline.render import NullValue, Renderer, RenderFailed, estimate_tokens
+from pipeline.source import ROW_INDEX, Source, open_source
+from pipeline.spec import OPENAI_BASE_URL, Job
+
+#: Rows read, rendered and queued at a time: bounds memory whatever the input's size.
+BATCH_ROWS = 2_000
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Command-line overrides; None means 'as the job file says'."""
+
+    input: Path | None = None
+    output: Path | None = None
+    base_url: str | None = None
+    model: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    limit: int | None = None
+    max_cost: float | None = None
+    simulate: bool = False
+    fresh: bool = False
+    #: Send again the rows an earlier run recorded as failed.
+    retry_failed: bool = False
+    journal: Path | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    job: Job
+    source: Source
+    renderer: Renderer
+    endpoint: Endpoint
+    check: AnswerCheck
+    fields: pl.Struct | None
+    pricer: Pricer
+    #: None with --simulate: the simulator's address is known once it listens.
+    base_url: str | None
+    api_key: str | None = field(repr=False)
+    #: Set when no key is at hand for a server that needs one: `run` refuses to start.
+    key_problem: str | None
+    rows: int
+    options: RunOptions
+
+    @property
+    def output(self) -> Path:
+        return self.job.output_path
+
+    @property
+    def journal_path(self) -> Path:
+        return journal_path(self.output, self.options.journal)
+
+    @property
+    def summary_path(self) -> Path:
+        return self.output.with_name(f"{self.output.stem}.summary.json")
+
+
+def journal_path(output: Path, override: Path | None = None) -> Path:
+    """Where a run's checkpoint lives: beside its output, unless --journal says."""
+    return override if override is not None else output.with_name(f"{output.stem}.journal.sqlite")
+
+
+def apply_options(job: Job, opts: RunOptions) -> Job:
+    """Flags win over the job file."""
+    req: dict[str, Any] = {"model": opts.model, "base_url": opts.base_url}
+    lim: dict[str, Any] = {
+        "rpm": opts.rpm,
+        "tpm": opts.tpm,
+        "concurrency": opts.concurrency,
+        "max_cost": opts.max_cost,
+    }
+    updates: dict[str, Any] = {
+        "request": job.request.model_copy(update={k: v for k, v in req.items() if v}),
+        "limits": job.limits.model_copy(update={k: v for k, v in lim.items() if v}),
+    }
+    if opts.input is not None:
+        updates["input"] = job.input.model_copy(update={"path": opts.input.resolve()})
+    if opts.output is not None:
+        updates["output"] = job.output.model_copy(update={"path": opts.output.resolve()})
+    return job.model_copy(update=updates)
+
+
+def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -> Plan:
+    """Check everything that can be checked before sending; raise JobError if anything is off."""
+    job = apply_options(job, opts)
+    source = open_source(job.input.path, format=job.input.format, key=job.input.key)
+    renderer = Renderer(job.template, source.columns)
+    schema = job.json_schema()
+    fields = _fields(job, schema)
+    _check_collisions(source.columns, result_columns(fields, job.output.prefix))
+    output_format(job.output_path)
+    pricer = make_pricer(job.request.model, job.price)
+    base_url, api_key = _target(job, opts, env)
+    rows = source.count()
+    return Plan(
+        job=job,
+        source=source,
+        renderer=renderer,
+        endpoint=make_endpoint(job.request, base_url or "", schema),
+        check=AnswerCheck(schema, json_object=job.request.response_format == "json_object"),
+        fields=fields,
+        pricer=pricer,
+        base_url=base_url,
+        api_key=api_key,
+        key_problem=_key_problem(job, base_url, api_key),
+        rows=min(rows, opts.limit) if opts.limit is not None else rows,
+        options=opts,
+    )
+
+
+def _fields(job: Job, schema: dict[str, Any] | None) -> pl.Struct | None:
+    """The JSON answer's typed columns; a schema the API would refuse is a job error."""
+    if schema is None:
+        return None
+    spec = job.request.json_schema
+    if spec is not None and spec.strict and (problem := strict_schema_problem(schema)):
+        raise SpecError(
+            f"the JSON schema breaks OpenAI's strict mode rules at {problem}; "
+            "or set strict = false in [request.json_schema]"
+        )
+    try:
+        return fields_dtype(schema)
+    except ValueError as exc:
+        raise SpecError(f"the JSON schema: {exc}") from None
+
+
+def _target(job: Job, opts: RunOptions, env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """Base URL and key: flag > environment > job file. No key is needed offline."""
+    if opts.simulate:
+        return None, None
+    base_url = (
+        opts.base_url or env.get("OPENAI_BASE_URL") or job.request.base_url or OPENAI_BASE_URL
+    ).rstrip("/")
+    if urlsplit(base_url).scheme not in ("http", "https"):
+        raise SpecError(f"base URL {base_url!r} must start with http:// or https://")
+    return base_url, env.get(job.request.api_key_env) or None
+
+
+def _key_problem(job: Job, base_url: str | None, api_key: str | None) -> str | None:
+    """Why the run cannot start for want of a key, or None. api.openai.com needs one."""
+    if api_key is not None or base_url is None or urlsplit(base_url).hostname != "api.openai.com":
+        return None
+    var = job.request.api_key_env
+    return (
+        f"no API key: set {var} (export {var}=...), or point --base-url at an "
+        "OpenAI-compatible server, or try the job offline with --simulate"
+    )
+
+
+def _check_collisions(columns: tuple[str, ...], results: list[str]) -> None:
+    clash = [c for c in results if c in columns]
+    if clash:
+        raise JobError(
+            f"the input already has column(s) {', '.join(clash)}, which the output adds as "
+            'result columns: set [output] prefix = "llm_" (any prefix) in the job'
+        )
+
+
+def fingerprint(plan: Plan) -> dict[str, str]:
+    """What the results depend on, the input file included (by path, size and mtime)."""
+    stat = plan.source.path.stat()
+    parts = plan.job.fingerprint()
+    parts["input"] = f"{plan.source.path}:{stat.st_size}:{stat.st_mtime_ns}"
+    return parts
+
+
+def limited(batches: Iterator[pl.DataFrame], limit: int | None) -> Iterator[pl.DataFrame]:
+    """The batches up to row `limit` (all of them when None)."""
+    for batch in batches:
+        if limit is not None:
+            batch = batch.filter(pl.col(ROW_INDEX) < limit)
+            if batch.height == 0:
+                return
+        yield batch
+
+
+@dataclass(frozen=True)
+class Estimate:
+    rows: int
+    #: Rows that would fail before sending (a null the job forbids, a template error).
+    rejected: int
+    prompt_tokens: int
+    #: The most completion tokens the rows can use: rows x max_tokens.
+    max_completion_tokens: int
+    #: Cost of the prompts alone, and with every answer at max_tokens.
+    cost_low: float
+    cost_high: float
+    #: Minutes the rate limits allow it to take at best; None with no limits set.
+    minutes: float | None
+
+
+def estimate(plan: Plan) -> Estimate:
+    """Render every row and add up what the run would cost. Sends nothing."""
+    rows = rejected = prompt = 0
+    for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
+        for row in batch.iter_rows(named=True):
+            try:
+                prompt += estimate_tokens(plan.renderer.messages(row))
+                rows += 1
+            except (NullValue, RenderFailed):
+                rejected += 1
+    completion = rows * plan.endpoint.max_output_tokens()
+    limits = plan.job.limits
+    bounds = [rows / limits.rpm if limits.rpm else 0.0]
+    bounds.append((prompt + completion) / limits.tpm if limits.tpm else 0.0)
+    return Estimate(
+        rows=rows,
+        rejected=rejected,
+        prompt_tokens=prompt,
+        max_completion_tokens=completion,
+        cost_low=plan.pricer.cost(Usage(prompt_tokens=prompt)),
+        cost_high=plan.pricer.cost(Usage(prompt_tokens=prompt, completion_tokens=completion)),
+        minutes=max(bounds) if limits.rpm or limits.tpm else None,
+    )
