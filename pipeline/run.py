@@ -283,7 +283,7 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
             notify(resume)
         async with _server(plan) as base_url:
             runner = Runner(plan, journal, base_url)
-            dispatcher = await _run_with_signals(runner, plan.job)
+            dispatcher = await _run_with_signals(runner, plan.job, notify)
         summary = await asyncio.to_thread(_finish, plan, journal, runner, started)
         report = _report(plan, dispatcher, summary)
         journal.set_meta(last_finished=str(time.time()), last_exit=str(report.exit_code))
@@ -359,7 +359,7 @@ async def _server(plan: Plan) -> AsyncIterator[str]:
         yield url.rstrip("/")
 
 
-async def _run_with_signals(runner: Runner, job: Job) -> Dispatcher:
+async def _run_with_signals(runner: Runner, job: Job, notify: Callable[[str], None]) -> Dispatcher:
     """SIGINT/SIGTERM: stop taking rows and drain; a second signal (or DRAIN_S) cuts short."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -373,6 +373,10 @@ async def _run_with_signals(runner: Runner, job: Job) -> Dispatcher:
         stop = Interrupted("interrupted: finished rows are kept; run again to resume")
         runner.dispatcher.stop(stop)
         loop.call_later(DRAIN_S, task.cancel)
+        notify(
+            f"stopping: requests in flight have up to {DRAIN_S:.0f} s to finish, then the "
+            "output is written; interrupt again to stop at once"
+        )
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal)
