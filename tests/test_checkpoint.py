@@ -246,3 +246,58 @@ def test_resume_after_any_prefix_equals_an_uninterrupted_run(
     expected = read_output(whole.parent / "out.parquet").drop(VOLATILE)
     actual = read_output(parts.parent / "out.parquet").drop(VOLATILE)
     assert actual.equals(expected)
+
+
+@contextmanager
+def small_disk(path: Path, mib: int) -> Iterator[Path]:
+    """A tmpfs of `mib` MiB at `path`, to fill up; skips where mounting is not allowed."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write until the disk is full; return the filler to delete."""
+    filler = disk / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 2**20)
+                handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_disk_full_mid_run_halts_cleanly_and_loses_nothing(tmp_path: Path) -> None:
+    job = write_job(tmp_path, texts(400), limits={"concurrency": 4})
+    with small_disk(tmp_path / "disk", mib=80) as disk, slow_server(latency_ms=50) as server:
+        journal = disk / "job.journal.sqlite"
+        proc = child(job, server.url, "--journal", str(journal))
+        wait_until_committed(journal, 20)
+        filler = fill(disk)
+        _, stderr = proc.communicate(timeout=WAIT_S)
+        kept = committed(journal)
+
+        assert proc.returncode == 1, stderr
+        assert "cannot write the checkpoint" in stderr
+        assert kept >= 20
+        sent_before = server.sim.stats.by_body.copy()
+        filler.unlink()
+
+        resumed = invoke("run", job, "--base-url", server.url, "--journal", journal)
+
+        assert resumed.exit_code == 0, resumed.output
+        assert f"{kept:,} rows done by earlier runs" in resumed.output
+        resent = sum(server.sim.stats.by_body[b] - n for b, n in sent_before.items())
+    assert resent <= 4, "only requests in flight at the halt are sent again"
+    assert read_output(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 400
