@@ -301,3 +301,21 @@ def test_disk_full_mid_run_halts_cleanly_and_loses_nothing(tmp_path: Path) -> No
         resent = sum(server.sim.stats.by_body[b] - n for b, n in sent_before.items())
     assert resent <= 4, "only requests in flight at the halt are sent again"
     assert read_output(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 400
+
+
+def test_status_reads_the_checkpoint_without_touching_the_input(
+    tmp_path: Path, sim: Server
+) -> None:
+    job = write_job(tmp_path, texts(10))
+    never_run = invoke("status", job)
+    assert run_job(job, sim, "--limit", "4").exit_code == 0
+    (tmp_path / "input.csv").unlink()  # status needs only the journal
+
+    result = invoke("status", job)
+
+    assert never_run.exit_code == 2
+    assert "has not run yet" in never_run.output
+    assert result.exit_code == 0, result.output
+    assert "4 ok, 0 failed, 0 pending of 4 rows" in result.output
+    assert "finished" in result.output
+    assert "exit 0" in result.output
