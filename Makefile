@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test check format clean
+.PHONY: setup run test check format bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,16 +18,20 @@ run: setup
 	$(BIN)/pipeline run jobs/summarise.toml --simulate
 
 check: setup
-	$(BIN)/ruff format --check pipeline tests
-	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff format --check pipeline tests bench
+	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/mypy
 
 test: check
 	$(BIN)/python -m pytest
 
 format: setup
-	$(BIN)/ruff format pipeline tests
-	$(BIN)/ruff check --fix pipeline tests
+	$(BIN)/ruff format pipeline tests bench
+	$(BIN)/ruff check --fix pipeline tests bench
+
+# What the journal costs: client CPU per request with and without it (a report, no assert).
+bench: setup
+	$(BIN)/python bench/journal.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

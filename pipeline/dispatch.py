@@ -91,7 +91,7 @@ class DispatchStats:
     sent: int = 0
     retries: int = 0
     rate_limited: int = 0
-    #: Retries after a failure that may have reached the model (possibly billed twice).
+    #: Retries after a failure that may have reached the model (possibly billed again).
     maybe_billed_retries: int = 0
 
 

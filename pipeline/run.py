@@ -304,21 +304,17 @@ def _report(plan: Plan, dispatcher: Dispatcher, summary: dict[str, Any]) -> Repo
 
 def _resume_note(plan: Plan, journal: Journal) -> str | None:
     """What a resume will skip, and what the last run's crash may have cost."""
-    done = journal.count()
-    if done == 0:
+    done, flight = journal.count(), journal.in_flight()
+    if done == 0 and flight.rows == 0:
         return None
     note = f"resuming from {journal.path}: {done:,} rows done by earlier runs are not sent again"
-    flight = journal.in_flight()
     if flight.rows:
         out = plan.endpoint.max_output_tokens()
-        most = plan.pricer.cost(
-            Usage(
-                prompt_tokens=flight.tokens - flight.rows * out, completion_tokens=flight.rows * out
-            )
-        )
+        prompt = flight.tokens - flight.rows * out
+        most = plan.pricer.cost(Usage(prompt_tokens=prompt, completion_tokens=flight.rows * out))
         note += (
-            f"; {flight.rows:,} requests were in flight when the last run stopped: they are sent "
-            f"again and may be billed twice (at most ${most:.4f})"
+            f"; {flight.rows:,} requests were in flight when the last run stopped: they are "
+            f"sent again, and what they cost before is billed again (at most ${most:.4f})"
         )
     return note
 

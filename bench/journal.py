@@ -1,0 +1,224 @@
+"""What the journal costs a run: client CPU per request with the checkpoint, and without.
+
+    make bench          # or: .venv/bin/python bench/journal.py
+
+Starts `pipeline simulate` as its own process (20 ms latency, no rate limits), then runs
+the same 20,000-row job in this process through `Runner`, alternately with the journal
+as it is and with a journal whose writes do nothing, three times each, and prints the
+medians. Client CPU is `time.process_time()` around the dispatch (every thread of this
+process, the journal writer's included); the simulator's CPU is not in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.journal import Journal
+from pipeline.parse import RowResult
+from pipeline.plan import Plan, RunOptions, fingerprint, make_plan
+from pipeline.run import Runner
+from pipeline.spec import load_job
+from pipeline.transport import AiohttpTransport
+
+ROWS = 20_000
+CONCURRENCY = 64
+LATENCY_MS = 20
+REPEATS = 3
+#: Extra client CPU the journal may cost, as a share of the run without it.
+TARGET = 0.10
+#: Bounds, so that the bench stops by itself whatever happens.
+START_TIMEOUT_S = 30.0
+RUN_TIMEOUT_S = 300.0
+
+JOB = f"""
+[input]
+path = "input.csv"
+
+[output]
+path = "out.parquet"
+
+[request]
+model = "gpt-4o-mini"
+max_tokens = 32
+
+[template]
+user = "{{{{ text }}}}"
+
+[limits]
+concurrency = {CONCURRENCY}
+"""
+
+
+class CountedJournal(Journal):
+    """The journal as it is, counting its transactions (one per `write`)."""
+
+    commits = 0
+
+    def write(
+        self,
+        *,
+        sending: Sequence[tuple[int, str, int]] = (),
+        results: Sequence[RowResult] = (),
+    ) -> None:
+        self.commits += 1
+        super().write(sending=sending, results=results)
+
+
+class UnwrittenJournal(Journal):
+    """The journal with its writes switched off: the run as it would be without it."""
+
+    def write(
+        self,
+        *,
+        sending: Sequence[tuple[int, str, int]] = (),
+        results: Sequence[RowResult] = (),
+    ) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Sample:
+    requests: int
+    wall_s: float
+    cpu_s: float
+    #: Journal transactions; None when the journal wrote nothing.
+    commits: int | None = None
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.cpu_s * 1000 / self.requests
+
+
+@contextlib.contextmanager
+def simulator(directory: Path) -> Iterator[str]:
+    """`pipeline simulate` on a free port, in its own process; killed on the way out."""
+    log_path = directory / "simulator.log"
+    # Port 0: the simulator takes a free port and says which in its "listening" line.
+    command = ["simulate", "--port", "0", "--latency-ms", str(LATENCY_MS)]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *command], stdout=subprocess.DEVNULL, stderr=log
+        )
+    try:
+        yield _listening_url(proc, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _listening_url(proc: subprocess.Popen[bytes], log_path: Path) -> str:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        said = log_path.read_text()
+        for line in said.splitlines():
+            if "listening on " in line:
+                return line.split("listening on ", 1)[1].strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"the simulator exited with {proc.returncode}: {said}")
+        time.sleep(0.05)
+    raise RuntimeError(f"the simulator did not say it was listening in {START_TIMEOUT_S} s")
+
+
+def write_job(directory: Path) -> Path:
+    texts = [f"row {i}: a text of a few words that no other row has" for i in range(ROWS)]
+    pl.DataFrame({"id": range(ROWS), "text": texts}).write_csv(directory / "input.csv")
+    job = directory / "job.toml"
+    job.write_text(JOB, encoding="utf-8")
+    return job
+
+
+def measure(plan: Plan, journal_type: type[Journal], path: Path, base_url: str) -> Sample:
+    journal = journal_type.open(path, fingerprint(plan), fresh=True)
+    try:
+        sample = asyncio.run(asyncio.wait_for(_dispatch(plan, journal, base_url), RUN_TIMEOUT_S))
+        if not isinstance(journal, CountedJournal):
+            return sample
+        done = journal.count()
+        if done != ROWS:
+            raise RuntimeError(f"{done:,} of {ROWS:,} rows committed")
+        return dataclasses.replace(sample, commits=journal.commits)
+    finally:
+        journal.close()
+
+
+async def _dispatch(plan: Plan, journal: Journal, base_url: str) -> Sample:
+    runner = Runner(plan, journal, base_url)
+    request = plan.job.request
+    transport = AiohttpTransport(
+        timeout_s=request.timeout_s, connect_timeout_s=request.connect_timeout_s
+    )
+    # Progress lines go nowhere: the table below is the report.
+    with contextlib.redirect_stderr(io.StringIO()):
+        wall, cpu = time.perf_counter(), time.process_time()
+        async with transport:
+            dispatcher = await runner.run(transport)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    if dispatcher.stop_reason is not None or runner.counters.ok != ROWS:
+        raise RuntimeError(f"{runner.counters.ok:,} rows ok: {dispatcher.stop_reason}")
+    return Sample(dispatcher.stats.sent, wall, cpu)
+
+
+def median(samples: list[Sample]) -> Sample:
+    commits = [s.commits for s in samples if s.commits is not None]
+    return Sample(
+        requests=samples[0].requests,
+        wall_s=statistics.median(s.wall_s for s in samples),
+        cpu_s=statistics.median(s.cpu_s for s in samples),
+        commits=int(statistics.median(commits)) if commits else None,
+    )
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
+        directory = Path(tmp)
+        job = write_job(directory)
+        with simulator(directory) as base_url:
+            plan = make_plan(load_job(job), RunOptions(base_url=base_url), env={})
+            runs: dict[str, list[Sample]] = {"with": [], "without": []}
+            for i in range(REPEATS):
+                for name, kind in (("with", CountedJournal), ("without", UnwrittenJournal)):
+                    path = directory / f"{name}-{i}.journal.sqlite"
+                    sample = measure(plan, kind, path, base_url)
+                    runs[name].append(sample)
+                    print(
+                        f"  {name:<8} #{i + 1}: {sample.wall_s:6.2f} s wall, "
+                        f"{sample.cpu_ms_per_request:.3f} ms CPU/request",
+                        flush=True,
+                    )
+    report(median(runs["with"]), median(runs["without"]))
+
+
+def report(with_journal: Sample, without: Sample) -> None:
+    overhead = with_journal.cpu_ms_per_request / without.cpu_ms_per_request - 1
+    print(f"\njournal cost: {ROWS:,} rows, concurrency {CONCURRENCY}, simulator {LATENCY_MS} ms")
+    print(f"median of {REPEATS}, alternating\n")
+    print(f"{'journal':<10}{'rows':>8}{'wall s':>9}{'client CPU ms/request':>24}{'commits':>10}")
+    for name, s in (("with", with_journal), ("without", without)):
+        commits = "-" if s.commits is None else f"{s.commits:,}"
+        print(
+            f"{name:<10}{s.requests:>8,}{s.wall_s:>9.2f}{s.cpu_ms_per_request:>24.3f}{commits:>10}"
+        )
+    print(f"{'overhead':<10}{'':>8}{'':>9}{overhead:>+24.1%}")
+    verdict = "met" if overhead < TARGET else "NOT met"
+    print(f"\ntarget: under {TARGET:.0%} extra client CPU: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
