@@ -50,8 +50,8 @@ class Work:
     request: HttpRequest
     #: Estimated cost against the TPM limit: prompt tokens plus max output tokens.
     tokens: int
-    #: The request body's hash: the journal's key for identical requests.
-    digest: str = ""
+    #: The request body's hash (64 bits): the journal's key for identical requests.
+    digest: int = 0
 
 
 @dataclass(slots=True)
@@ -62,7 +62,7 @@ class Outcome:
     attempts: int
     http_status: int | None = None
     latency_ms: float | None = None
-    digest: str | None = None
+    digest: int | None = None
 
 
 class Sink(Protocol):

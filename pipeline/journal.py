@@ -4,10 +4,10 @@
     journal.write(sending=[(row, digest, tokens)], results=[result])  # one group commit
     journal.done_rows(0, 999)        # rows already answered, skipped on resume
     journal.results(0, 999)          # a polars frame of results, for the output
-    journal.in_flight()              # rows recorded as sent with no answer: a crash's toll
+    journal.in_flight()              # rows recorded as sending with no answer: a crash's toll
 
-A row is recorded in `inflight` before its request goes out and leaves it in the same
-transaction that stores its result, so after a crash the rows that may have been sent
+A row is recorded with status "sending" before its request goes out, and that record
+becomes its result in one upsert, so after a crash the rows that may have been sent
 (and billed) without an answer on record are known exactly.
 
 WAL mode with synchronous=NORMAL: a commit survives the process being killed at any
@@ -21,9 +21,9 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-import time
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import IO
 
@@ -47,25 +47,35 @@ def _sql_type(dtype: pl.DataType) -> str:
     return "REAL" if dtype == pl.Float64() else "INTEGER"
 
 
+#: The status of a row recorded as sent whose answer is not in yet.
+SENDING = "sending"
+
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (
     row INTEGER PRIMARY KEY,
-    request_hash TEXT,
-    {", ".join(f"{name} {_sql_type(dtype)}" for name, dtype in RESULT_SCHEMA.items())}
+    request_hash INTEGER,
+    {", ".join(f"{name} {_sql_type(dtype)}" for name, dtype in RESULT_SCHEMA.items())},
+    -- estimated tokens of a request in flight: what it may have cost
+    tokens INTEGER
 );
-CREATE INDEX IF NOT EXISTS results_by_hash ON results (request_hash);
-CREATE TABLE IF NOT EXISTS inflight (
-    row INTEGER PRIMARY KEY,
-    request_hash TEXT NOT NULL,
-    tokens INTEGER NOT NULL,
-    sent_at REAL NOT NULL
-);
+-- Only answered rows are looked up by hash (to share an answer): a partial index
+-- costs nothing while a row is in flight.
+CREATE INDEX IF NOT EXISTS answered_by_hash ON results (request_hash) WHERE status = 'ok';
 """
-_INSERT = (
-    f"INSERT OR REPLACE INTO results ({', '.join(_STORED)}) "
-    f"VALUES ({', '.join('?' for _ in _STORED)})"
+_SEND = (
+    "INSERT OR REPLACE INTO results (row, request_hash, status, tokens) "
+    f"VALUES (?, ?, '{SENDING}', ?)"
 )
+# One statement whether or not the row was recorded as sending (rows rejected before
+# sending, and shared answers, were not).
+_UPSERT = (
+    f"INSERT INTO results ({', '.join(_STORED)}) VALUES ({', '.join('?' for _ in _STORED)}) "
+    "ON CONFLICT (row) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _STORED[1:])
+)
+_DONE = f"status != '{SENDING}'"
+#: A RowResult as the tuple _UPSERT takes (dataclasses.astuple deep-copies: slow).
+_stored = attrgetter(*_STORED)
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,10 @@ class Journal:
         # Reads come from the producer's thread while the writer commits: a connection
         # of their own, which in WAL mode sees every committed row and never blocks.
         self._reader = _connect(path)
+        self._checkpointer = _connect(path)
+        # The writer never checkpoints on its own (that would fsync in the event loop);
+        # the run calls checkpoint() from a thread instead.
+        connection.execute("PRAGMA wal_autocheckpoint=0")
 
     @classmethod
     def open(cls, path: Path, fingerprint: dict[str, str], *, fresh: bool) -> Journal:
@@ -148,40 +162,38 @@ class Journal:
     def write(
         self,
         *,
-        sending: Sequence[tuple[int, str, int]] = (),
+        sending: Sequence[tuple[int, int, int]] = (),
         results: Sequence[RowResult] = (),
     ) -> None:
         """One transaction: rows about to be sent, and results (which end their flight).
 
-        When it returns, all of it is durable.
+        When it returns, all of it is durable against a crash of this process.
         """
-        now = time.time()
         try:
             with self._db:
                 if sending:
-                    self._db.executemany(
-                        "INSERT OR REPLACE INTO inflight VALUES (?, ?, ?, ?)",
-                        [(row, digest, tokens, now) for row, digest, tokens in sending],
-                    )
+                    self._db.executemany(_SEND, sending)
                 if results:
-                    self._db.executemany(_INSERT, [astuple(r) for r in results])
-                    self._db.executemany(
-                        "DELETE FROM inflight WHERE row = ?", [(r.row,) for r in results]
-                    )
+                    self._db.executemany(_UPSERT, map(_stored, results))
         except sqlite3.Error as exc:
             raise OutputError(f"cannot write the checkpoint {self.path}: {exc}") from None
 
+    def checkpoint(self) -> None:
+        """Move the WAL into the database file (the part that fsyncs); for a thread."""
+        with contextlib.suppress(sqlite3.Error):  # retried at the next one
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     def done_rows(self, first: int, last: int, *, failed_too: bool = True) -> set[int]:
         """Rows in [first, last] that already have a result (an ok one, unless failed_too)."""
-        only_ok = "" if failed_too else " AND status = 'ok'"
+        which = _DONE if failed_too else "status = 'ok'"
         cursor = self._reader.execute(
-            f"SELECT row FROM results WHERE row BETWEEN ? AND ?{only_ok}", (first, last)
+            f"SELECT row FROM results WHERE row BETWEEN ? AND ? AND {which}", (first, last)
         )
         return {r for (r,) in cursor}
 
-    def answered(self, digests: Iterable[str]) -> dict[str, RowResult]:
+    def answered(self, digests: Iterable[int]) -> dict[int, RowResult]:
         """An ok result for each of these request hashes that has one."""
-        found: dict[str, RowResult] = {}
+        found: dict[int, RowResult] = {}
         wanted = list(dict.fromkeys(digests))
         for start in range(0, len(wanted), _IN_CHUNK):
             chunk = wanted[start : start + _IN_CHUNK]
@@ -193,13 +205,14 @@ class Journal:
             )
             for values in cursor:
                 result = RowResult(*values)
-                found.setdefault(str(result.request_hash), result)
+                found.setdefault(int(result.request_hash or 0), result)
         return found
 
     def results(self, first: int, last: int) -> pl.DataFrame:
         """Results of rows in [first, last], as a frame with `row` and RESULT_SCHEMA."""
         cursor = self._reader.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM results WHERE row BETWEEN ? AND ? ORDER BY row",
+            f"SELECT {', '.join(_COLUMNS)} FROM results "
+            f"WHERE row BETWEEN ? AND ? AND {_DONE} ORDER BY row",
             (first, last),
         )
         schema = {"row": pl.Int64(), **RESULT_SCHEMA}
@@ -207,22 +220,25 @@ class Journal:
 
     def in_flight(self) -> InFlight:
         rows, tokens = self._reader.execute(
-            "SELECT count(*), total(tokens) FROM inflight"
+            f"SELECT count(*), total(tokens) FROM results WHERE status = '{SENDING}'"
         ).fetchone()
         return InFlight(int(rows), int(tokens))
 
     def count(self) -> int:
-        (n,) = self._reader.execute("SELECT count(*) FROM results").fetchone()
+        (n,) = self._reader.execute(f"SELECT count(*) FROM results WHERE {_DONE}").fetchone()
         return int(n)
 
     def totals(self) -> Totals:
         row = self._reader.execute(
-            "SELECT count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE status != 'ok'),"
+            "SELECT count(*) FILTER (WHERE status = 'ok'),"
+            " count(*) FILTER (WHERE status = 'failed'),"
             " total(cost_usd), total(prompt_tokens), total(completion_tokens) FROM results"
         ).fetchone()
         return Totals(int(row[0]), int(row[1]), float(row[2]), int(row[3]), int(row[4]))
 
     def close(self) -> None:
+        self.checkpoint()
+        self._checkpointer.close()
         self._reader.close()
         self._db.close()
         if self._lock is not None:

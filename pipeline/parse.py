@@ -51,8 +51,9 @@ class RowResult:
     """One row's result, as stored and as written to the output."""
 
     row: int
-    #: sha256 of the request body (hex, 128 bits): identical requests share it.
-    request_hash: str | None
+    #: The request body's sha256, first 64 bits as a signed integer: identical
+    #: requests share it (an integer keeps the journal's index small and fast).
+    request_hash: int | None
     status: str
     error_type: str | None = None
     error: str | None = None

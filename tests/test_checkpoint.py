@@ -48,7 +48,8 @@ def committed(journal: Path) -> int:
         return 0
     with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as db:
         try:
-            return int(db.execute("SELECT count(*) FROM results").fetchone()[0])
+            query = "SELECT count(*) FROM results WHERE status != 'sending'"
+            return int(db.execute(query).fetchone()[0])
         except sqlite3.OperationalError:  # the schema is not there yet
             return 0
 

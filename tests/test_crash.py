@@ -46,8 +46,8 @@ _IN_FLIGHT = re.compile(r"([\d,]+) requests were in flight")
 class Checkpoint:
     """What the journal holds between runs: row -> request hash, for both tables."""
 
-    results: dict[int, str]
-    inflight: dict[int, str]
+    results: dict[int, int]
+    inflight: dict[int, int]
 
 
 @dataclass
@@ -59,9 +59,9 @@ class Run:
     stderr: str
     before: Checkpoint
     after: Checkpoint
-    #: by_body keyed like the journal (first 32 hex chars), before and after the run.
-    seen_before: Counter[str]
-    seen_after: Counter[str]
+    #: by_body keyed like the journal's request_hash, before and after the run.
+    seen_before: Counter[int]
+    seen_after: Counter[int]
 
     @property
     def label(self) -> str:
@@ -97,20 +97,27 @@ def read_checkpoint(path: Path) -> Checkpoint:
         (integrity,) = db.execute("PRAGMA integrity_check").fetchone()
         assert integrity == "ok", f"{path} is corrupt: {integrity}"
         try:
-            results = dict(db.execute("SELECT row, request_hash FROM results"))
-            inflight = dict(db.execute("SELECT row, request_hash FROM inflight"))
+            rows = db.execute("SELECT row, request_hash, status FROM results").fetchall()
+            results = {row: digest for row, digest, status in rows if status != "sending"}
+            inflight = {row: digest for row, digest, status in rows if status == "sending"}
         except sqlite3.OperationalError:  # killed before the schema was created
             return Checkpoint({}, {})
         statuses = {s for (s,) in db.execute("SELECT DISTINCT status FROM results")}
     finally:
         db.close()
-    assert statuses <= {"ok"}, f"rows failed against a faultless server: {statuses}"
+    assert statuses <= {"ok", "sending"}, f"rows failed against a faultless server: {statuses}"
     return Checkpoint(results, inflight)
 
 
-def seen(sim: Simulator) -> Counter[str]:
-    """The server's per-body counts, keyed by the journal's 32-hex-char request_hash."""
-    return Counter({h[:32]: n for h, n in dict(sim.stats.by_body).items()})
+def seen(sim: Simulator) -> Counter[int]:
+    """The server's per-body counts, keyed like the journal's request_hash: the first
+    64 bits of the body's sha256, as a signed integer."""
+    return Counter(
+        {
+            int.from_bytes(bytes.fromhex(h[:16]), "big", signed=True): n
+            for h, n in dict(sim.stats.by_body).items()
+        }
+    )
 
 
 def run_child(job: Path, url: str, kill_at: float | None) -> tuple[bool, int, str]:
