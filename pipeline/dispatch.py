@@ -32,6 +32,7 @@ from pipeline.errors import (
     RequestFailure,
     ResponseInvalid,
     RowFailed,
+    ServerError,
 )
 from pipeline.limits import Limiter
 from pipeline.transport import Transport, classify
@@ -139,6 +140,10 @@ class Dispatcher:
             outcome = await self.send(work)
             if outcome is not None:
                 await outbox.put(outcome)
+                if outcome.answer is not None:
+                    usage = outcome.answer.usage
+                    actual = usage.prompt_tokens + usage.completion_tokens
+                    await self._limiter.settle(work.tokens, actual)
 
     async def send(self, work: Work) -> Outcome | None:
         """All attempts for one row. None when the run stopped before the row was done."""
@@ -154,6 +159,7 @@ class Dispatcher:
             failure = outcome.failure
             if failure is None:
                 self._same_error = ("", 0)
+                self._limiter.recovered()
                 return outcome
             if isinstance(failure, Fatal):
                 self.stop(Halted(failure.message))
@@ -164,6 +170,8 @@ class Dispatcher:
                 self.stats.rate_limited += 1
                 self._limiter.pause(failure.retry_after or self._policy.backoff_s)
             else:
+                if isinstance(failure, ServerError) and failure.slow_down:
+                    self._limiter.slow_down()
                 tries += 1
                 if not failure.should_retry or tries >= self._policy.max_attempts:
                     self._watch_repeats(failure)
@@ -178,6 +186,7 @@ class Dispatcher:
         response: HttpResponse | None = None
         try:
             response = await self._transport.send(work.request)
+            self._limiter.observe(response.headers, work.tokens)
             failure = classify(response, self._endpoint, request_tokens=work.tokens)
             answer = self._read(response) if failure is None else None
         except RequestFailure as exc:

@@ -1,12 +1,18 @@
-"""Request and token rate limits, and the pause every worker honours after a 429.
+"""Request and token rate limits that follow the server, and the shared 429 pause.
 
     limiter = Limiter(rpm=500, tpm=200_000)
     await limiter.acquire(tokens=900)     # waits for the pause, a request slot and tokens
+    limiter.observe(response.headers, tokens=900)   # x-ratelimit-* resynchronise
     limiter.pause(2.5)                    # a 429 said wait: every worker waits
+    limiter.slow_down()                   # 503 "slow down" / 529: half the rate, then back
 
 A request costs its estimated prompt tokens plus its max output tokens, the way OpenAI
 counts against TPM. Buckets hold one second's worth, so the first second does not
 burst a whole minute's quota at a server that measures in shorter windows.
+
+The server has the last word: its `x-ratelimit-limit-*` headers lower limits set too
+high in the job (and set them when the job gives none), and when its
+`x-ratelimit-remaining-*` say a bucket is empty, every worker waits for the refill.
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ from aiolimiter import AsyncLimiter
 
 #: How much of a limit may be spent at once: one second's worth of it.
 BURST_SECONDS = 1.0
+#: After a 503 "slow down" or a 529 the rate is halved, down to this share at least...
+MIN_SCALE = 1 / 16
+#: ...and grows back by this share of the full rate per RECOVERY_S without another.
+RECOVERY_STEP = 0.1
+RECOVERY_S = 2.0
 
 
 class Limiter:
@@ -31,11 +42,20 @@ class Limiter:
         tpm: int | None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._requests = _bucket(rpm)
-        self._tokens = _bucket(tpm)
         self._clock = clock
         self._resume_at = 0.0
+        #: The limits in force: the job's, lowered or learned from the server's headers.
         self.rpm, self.tpm = rpm, tpm
+        #: Share of those limits used now: below 1 after the server asked to slow down.
+        self.scale = 1.0
+        self._changed_at = clock()
+        self._requests: AsyncLimiter | None = None
+        self._tokens: AsyncLimiter | None = None
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._requests = _bucket(self.rpm, self.scale)
+        self._tokens = _bucket(self.tpm, self.scale)
 
     def pause(self, seconds: float) -> None:
         """Hold every request until `seconds` from now (never shortens a longer pause)."""
@@ -56,13 +76,71 @@ class Limiter:
             # A request bigger than the bucket waits for a full bucket rather than forever.
             await self._tokens.acquire(min(float(tokens), self._tokens.max_rate))
 
+    async def settle(self, estimated: int, actual: int) -> None:
+        """Spend what a request used beyond its estimate (never refund: the server
+        counted the estimate when the request arrived). The caller waits for it."""
+        extra = actual - estimated
+        if extra > 0 and self._tokens is not None:
+            await self._tokens.acquire(min(float(extra), self._tokens.max_rate))
 
-def _bucket(per_minute: int | None) -> AsyncLimiter | None:
+    def observe(self, headers: Mapping[str, str], tokens: int) -> None:
+        """Follow the server's x-ratelimit-* headers after a response."""
+        limit_requests = _count(headers.get("x-ratelimit-limit-requests"))
+        if limit_requests is None:
+            return  # a server that says nothing about its limits (most self-hosted ones)
+        limit_tokens = _count(headers.get("x-ratelimit-limit-tokens"))
+        lowered = False
+        if self.rpm is None or limit_requests < self.rpm:
+            self.rpm, lowered = limit_requests, True
+        if limit_tokens is not None and (self.tpm is None or limit_tokens < self.tpm):
+            self.tpm, lowered = limit_tokens, True
+        if lowered:
+            self._rebuild()
+        self._wait_if_empty(headers, "requests", 1, limit_requests)
+        if limit_tokens:
+            self._wait_if_empty(headers, "tokens", tokens, limit_tokens)
+
+    def _wait_if_empty(self, headers: Mapping[str, str], kind: str, need: int, limit: int) -> None:
+        """The server's bucket has less than a request needs: wait for its refill."""
+        remaining = _count(headers.get(f"x-ratelimit-remaining-{kind}"))
+        if remaining is None or remaining >= need:
+            return
+        refill = (need - remaining) * 60.0 / limit
+        reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}") or "")
+        self.pause(min(refill, reset) if reset is not None else refill)
+
+    def slow_down(self) -> None:
+        """The server is overloaded: halve the rate (gradually restored by `recovered`)."""
+        self.scale = max(MIN_SCALE, self.scale / 2)
+        self._changed_at = self._clock()
+        self._rebuild()
+
+    def recovered(self) -> None:
+        """A request succeeded: step the rate back up, once per RECOVERY_S."""
+        if self.scale >= 1.0 or self._clock() - self._changed_at < RECOVERY_S:
+            return
+        self.scale = min(1.0, self.scale + RECOVERY_STEP)
+        self._changed_at = self._clock()
+        self._rebuild()
+
+
+def _bucket(per_minute: int | None, scale: float) -> AsyncLimiter | None:
     if per_minute is None:
         return None
-    per_second = per_minute / 60.0
+    per_second = per_minute * scale / 60.0
     capacity = max(1.0, per_second * BURST_SECONDS)
     return AsyncLimiter(max_rate=capacity, time_period=capacity / per_second)
+
+
+def _count(value: str | None) -> int | None:
+    """A header's count; None when absent, unparseable or -1 (Azure: unknown)."""
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        return None
+    return number if number >= 0 else None
 
 
 _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")

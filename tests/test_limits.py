@@ -58,3 +58,115 @@ def test_oversized_request_waits_for_a_full_bucket_instead_of_failing() -> None:
     limiter = Limiter(rpm=None, tpm=60)  # 1 token/s, a bucket of 1 token
 
     asyncio.run(asyncio.wait_for(limiter.acquire(10_000), timeout=5))
+
+
+def headers(**values: str) -> CIMultiDict[str]:
+    return CIMultiDict({f"x-ratelimit-{k.replace('_', '-')}": v for k, v in values.items()})
+
+
+def test_server_limits_are_learned_when_the_job_sets_none() -> None:
+    limiter = Limiter(rpm=None, tpm=None)
+
+    limiter.observe(headers(limit_requests="500", limit_tokens="30000"), tokens=10)
+
+    assert (limiter.rpm, limiter.tpm) == (500, 30000)
+
+
+def test_server_limits_lower_a_job_that_asks_for_too_much() -> None:
+    limiter = Limiter(rpm=4000, tpm=10_000_000)
+
+    limiter.observe(headers(limit_requests="1000", limit_tokens="200000"), tokens=10)
+
+    assert (limiter.rpm, limiter.tpm) == (1000, 200000)
+
+
+def test_server_limits_never_raise_the_jobs_own() -> None:
+    limiter = Limiter(rpm=100, tpm=1000)
+
+    limiter.observe(headers(limit_requests="5000", limit_tokens="900000"), tokens=10)
+
+    assert (limiter.rpm, limiter.tpm) == (100, 1000)
+
+
+@pytest.mark.parametrize("value", ["-1", "", "n/a"])
+def test_unknown_limits_are_ignored(value: str) -> None:
+    limiter = Limiter(rpm=100, tpm=None)
+
+    limiter.observe(headers(limit_requests=value, limit_tokens=value), tokens=10)
+
+    assert (limiter.rpm, limiter.tpm) == (100, None)
+
+
+def test_an_empty_server_bucket_pauses_every_worker_until_it_refills() -> None:
+    now = [0.0]
+    limiter = Limiter(rpm=None, tpm=None, clock=lambda: now[0])
+
+    limiter.observe(
+        headers(
+            limit_requests="600",
+            remaining_requests="0",
+            reset_requests="100ms",
+            limit_tokens="60000",
+            remaining_tokens="50000",
+            reset_tokens="10s",
+        ),
+        tokens=100,
+    )
+
+    assert limiter.paused_for == pytest.approx(0.1)  # 1 request at 10/s; tokens suffice
+
+
+def test_too_few_tokens_left_waits_for_just_enough() -> None:
+    now = [0.0]
+    limiter = Limiter(rpm=None, tpm=None, clock=lambda: now[0])
+
+    limiter.observe(
+        headers(
+            limit_requests="600",
+            remaining_requests="599",
+            limit_tokens="6000",
+            remaining_tokens="100",
+            reset_tokens="59s",
+        ),
+        tokens=300,
+    )
+
+    assert limiter.paused_for == pytest.approx(2.0)  # 200 missing tokens at 100/s
+
+
+def test_slow_down_halves_the_rate_and_it_recovers_step_by_step() -> None:
+    now = [0.0]
+    limiter = Limiter(rpm=600, tpm=None, clock=lambda: now[0])
+
+    limiter.slow_down()
+    limiter.slow_down()
+    assert limiter.scale == 0.25
+    limiter.recovered()  # too soon after the last change
+    assert limiter.scale == 0.25
+    for _ in range(20):
+        now[0] += 2.0
+        limiter.recovered()
+
+    assert limiter.scale == 1.0
+
+
+def test_slow_down_has_a_floor() -> None:
+    limiter = Limiter(rpm=600, tpm=None)
+
+    for _ in range(20):
+        limiter.slow_down()
+
+    assert limiter.scale > 0
+
+
+def test_usage_beyond_the_estimate_is_spent_from_the_token_bucket() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        limiter = Limiter(rpm=None, tpm=6000)  # a bucket of 100 tokens
+        await limiter.acquire(10)
+        await limiter.settle(estimated=10, actual=10)  # as estimated: nothing more
+        room_after_exact = limiter._tokens is not None and limiter._tokens.has_capacity(80)
+        await limiter.settle(estimated=10, actual=90)  # 80 more than estimated
+        room_after_extra = limiter._tokens is not None and limiter._tokens.has_capacity(80)
+        return room_after_exact, room_after_extra
+
+    assert asyncio.run(scenario()) == (True, False)
