@@ -7,8 +7,9 @@
     limiter.slow_down()                   # 503 "slow down" / 529: half the rate, then back
 
 A request costs its estimated prompt tokens plus its max output tokens, the way OpenAI
-counts against TPM. Buckets hold one second's worth, so the first second does not
-burst a whole minute's quota at a server that measures in shorter windows.
+counts against TPM. The pace is a hair under the limit and the buckets are small and
+start full, so the pace is smooth from the first request: no burst that a server
+measuring in short windows would reject.
 
 The server has the last word: its `x-ratelimit-limit-*` headers lower limits set too
 high in the job (and set them when the job gives none), and when its
@@ -25,8 +26,13 @@ from collections.abc import Callable, Mapping
 
 from aiolimiter import AsyncLimiter
 
-#: How much of a limit may be spent at once: one second's worth of it.
-BURST_SECONDS = 1.0
+#: The pace, as a share of the limit: a hair under it, so that timing jitter between
+#: here and the server does not tip a strict server over (and into 429s).
+PACE = 0.985
+#: How much may be spent at once, as a share of a second's worth. A server that
+#: enforces per second over a sliding window admits a bucket of capacity C and rate r
+#: only while C + r stays within its per-second limit: C small, r + C <= 100%.
+BURST = 0.015
 #: After a 503 "slow down" or a 529 the rate is halved, down to this share at least...
 MIN_SCALE = 1 / 16
 #: ...and grows back by this share of the full rate per RECOVERY_S without another.
@@ -51,11 +57,18 @@ class Limiter:
         self._changed_at = clock()
         self._requests: AsyncLimiter | None = None
         self._tokens: AsyncLimiter | None = None
+        self._token_turn = asyncio.Lock()
+        #: The largest request so far: the token bucket holds at least one such, so a
+        #: request waits once for its tokens, not once per bucketful.
+        self._largest = 0
         self._rebuild()
 
     def _rebuild(self) -> None:
         self._requests = _bucket(self.rpm, self.scale)
-        self._tokens = _bucket(self.tpm, self.scale)
+        self._tokens = _bucket(self.tpm, self.scale, self._largest)
+        # A new bucket is empty and would let a whole second's worth through at once,
+        # which a server that enforces per second rejects; start it full instead.
+        self._unprimed = {b for b in (self._requests, self._tokens) if b is not None}
 
     def pause(self, seconds: float) -> None:
         """Hold every request until `seconds` from now (never shortens a longer pause)."""
@@ -70,18 +83,38 @@ class Limiter:
         # repeats when another 429 extended the pause meanwhile.
         while (wait := self.paused_for) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait)
+        for bucket in list(self._unprimed):
+            self._unprimed.discard(bucket)
+            await bucket.acquire(bucket.max_rate)
         if self._requests is not None:
             await self._requests.acquire()
         if self._tokens is not None:
-            # A request bigger than the bucket waits for a full bucket rather than forever.
-            await self._tokens.acquire(min(float(tokens), self._tokens.max_rate))
+            # One request at a time takes its tokens, in arrival order: interleaved,
+            # many requests would complete together and reach the server in a burst.
+            async with self._token_turn:
+                if tokens > self._largest:
+                    await self._grow(tokens)
+                await _spend(self._tokens, tokens)
+
+    async def _grow(self, tokens: int) -> None:
+        """Make the token bucket hold a request this big; the new one starts full too."""
+        self._largest = tokens
+        assert self._tokens is not None
+        if tokens > self._tokens.max_rate:
+            self._tokens = bucket = _bucket(self.tpm, self.scale, tokens)
+            if bucket is not None:
+                await bucket.acquire(bucket.max_rate)
+
+    def has_room(self, tokens: int) -> bool:
+        """Whether `tokens` could be spent now without waiting (tests, progress)."""
+        return self._tokens is None or self._tokens.has_capacity(tokens)
 
     async def settle(self, estimated: int, actual: int) -> None:
         """Spend what a request used beyond its estimate (never refund: the server
         counted the estimate when the request arrived). The caller waits for it."""
         extra = actual - estimated
         if extra > 0 and self._tokens is not None:
-            await self._tokens.acquire(min(float(extra), self._tokens.max_rate))
+            await _spend(self._tokens, extra)
 
     def observe(self, headers: Mapping[str, str], tokens: int) -> None:
         """Follow the server's x-ratelimit-* headers after a response."""
@@ -124,12 +157,23 @@ class Limiter:
         self._rebuild()
 
 
-def _bucket(per_minute: int | None, scale: float) -> AsyncLimiter | None:
+def _bucket(per_minute: int | None, scale: float, largest: float = 1.0) -> AsyncLimiter | None:
+    """A bucket pacing `per_minute` x scale, holding a little, or the largest request
+    (at most a second's worth: bigger ones are charged a bucketful at a time)."""
     if per_minute is None:
         return None
     per_second = per_minute * scale / 60.0
-    capacity = max(1.0, per_second * BURST_SECONDS)
-    return AsyncLimiter(max_rate=capacity, time_period=capacity / per_second)
+    capacity = min(max(1.0, per_second * BURST, largest), max(1.0, per_second))
+    return AsyncLimiter(max_rate=capacity, time_period=capacity / (per_second * PACE))
+
+
+async def _spend(bucket: AsyncLimiter, amount: float) -> None:
+    """Take `amount` from a bucket smaller than it, a bucketful at a time: charged in
+    full, never clamped, so big requests cannot overrun the limit."""
+    while amount > 0:
+        part = min(amount, bucket.max_rate)
+        await bucket.acquire(part)
+        amount -= part
 
 
 def _count(value: str | None) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 from multidict import CIMultiDict
@@ -54,10 +55,67 @@ def test_pause_holds_every_acquire_until_it_ends() -> None:
     asyncio.run(limiter.acquire(10))  # returns at once: no pause left, no limits
 
 
-def test_oversized_request_waits_for_a_full_bucket_instead_of_failing() -> None:
-    limiter = Limiter(rpm=None, tpm=60)  # 1 token/s, a bucket of 1 token
+def in_virtual_time(scenario: Callable[[Limiter], Awaitable[None]], **limits: int | None) -> float:
+    """Run `scenario` on a loop whose clock moves 1 ms per turn; return the virtual seconds.
 
-    asyncio.run(asyncio.wait_for(limiter.acquire(10_000), timeout=5))
+    aiolimiter schedules by loop.time(), so its waits end at once in real time and the
+    result is the same on any machine.
+    """
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        now = [0.0]
+        loop.time = lambda: now[0]  # type: ignore[method-assign]
+        running = True
+
+        async def tick() -> None:
+            while running:
+                now[0] += 0.001
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        limiter = Limiter(clock=lambda: now[0], **limits)  # type: ignore[arg-type]
+        try:
+            await scenario(limiter)
+        finally:
+            running = False
+            await ticker
+        return now[0]
+
+    return asyncio.run(main())
+
+
+def test_requests_are_paced_smoothly_from_the_first_one() -> None:
+    async def twenty(limiter: Limiter) -> None:
+        for _ in range(20):
+            await limiter.acquire(1)
+
+    # 600 RPM = 10/s, paced at 98.5%: no burst at the start.
+    assert in_virtual_time(twenty, rpm=600, tpm=None) == pytest.approx(20 / 9.85, rel=0.03)
+
+
+def test_a_request_bigger_than_the_bucket_is_charged_in_full() -> None:
+    async def big(limiter: Limiter) -> None:
+        await limiter.acquire(1_000)
+
+    # 6,000 TPM = 100 tokens/s at 98.5%; a bucket of 1.5 tokens, started full.
+    assert in_virtual_time(big, rpm=None, tpm=6000) == pytest.approx(1000 / 98.5, rel=0.03)
+
+
+def test_usage_beyond_the_estimate_is_spent_from_the_token_bucket() -> None:
+    async def as_estimated(limiter: Limiter) -> None:
+        await limiter.acquire(100)
+        await limiter.settle(estimated=100, actual=100)
+        await limiter.acquire(100)
+
+    async def more_than_estimated(limiter: Limiter) -> None:
+        await limiter.acquire(100)
+        await limiter.settle(estimated=100, actual=300)  # 200 more than estimated
+        await limiter.acquire(100)
+
+    exact = in_virtual_time(as_estimated, rpm=None, tpm=6000)
+    over = in_virtual_time(more_than_estimated, rpm=None, tpm=6000)
+    assert over - exact == pytest.approx(200 / 98.5, rel=0.05)
 
 
 def headers(**values: str) -> CIMultiDict[str]:
@@ -157,16 +215,3 @@ def test_slow_down_has_a_floor() -> None:
         limiter.slow_down()
 
     assert limiter.scale > 0
-
-
-def test_usage_beyond_the_estimate_is_spent_from_the_token_bucket() -> None:
-    async def scenario() -> tuple[bool, bool]:
-        limiter = Limiter(rpm=None, tpm=6000)  # a bucket of 100 tokens
-        await limiter.acquire(10)
-        await limiter.settle(estimated=10, actual=10)  # as estimated: nothing more
-        room_after_exact = limiter._tokens is not None and limiter._tokens.has_capacity(80)
-        await limiter.settle(estimated=10, actual=90)  # 80 more than estimated
-        room_after_extra = limiter._tokens is not None and limiter._tokens.has_capacity(80)
-        return room_after_exact, room_after_extra
-
-    assert asyncio.run(scenario()) == (True, False)
