@@ -59,9 +59,11 @@ CREATE TABLE IF NOT EXISTS results (
     -- estimated tokens of a request in flight: what it may have cost
     tokens INTEGER
 );
--- Only answered rows are looked up by hash (to share an answer): a partial index
--- costs nothing while a row is in flight.
-CREATE INDEX IF NOT EXISTS answered_by_hash ON results (request_hash) WHERE status = 'ok';
+-- Only answers that were sent are looked up by hash (to share them): a partial index
+-- costs nothing for rows in flight or for shared copies (attempts = 0), and finds
+-- one row per request however many rows share its answer.
+CREATE INDEX IF NOT EXISTS sent_answers_by_hash ON results (request_hash)
+    WHERE status = 'ok' AND attempts > 0;
 """
 _SEND = (
     "INSERT OR REPLACE INTO results (row, request_hash, status, tokens) "
@@ -200,7 +202,7 @@ class Journal:
             marks = ", ".join("?" for _ in chunk)
             cursor = self._reader.execute(
                 f"SELECT {', '.join(_STORED)} FROM results "
-                f"WHERE status = 'ok' AND request_hash IN ({marks})",
+                f"WHERE status = 'ok' AND attempts > 0 AND request_hash IN ({marks})",
                 chunk,
             )
             for values in cursor:
