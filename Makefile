@@ -29,9 +29,12 @@ format: setup
 	$(BIN)/ruff format pipeline tests bench
 	$(BIN)/ruff check --fix pipeline tests bench
 
-# What the journal costs: client CPU per request with and without it (a report, no assert).
+# Reports, no asserts: what the journal costs (bench/journal.py, about a minute), then
+# the scenarios against a script written the usual way (bench/scenarios.py, about eleven).
+# One of them: `make bench BENCH=scenarios`.
+BENCH ?= journal scenarios
 bench: setup
-	$(BIN)/python bench/journal.py
+	@for name in $(BENCH); do $(BIN)/python bench/$$name.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
