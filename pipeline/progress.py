@@ -8,7 +8,6 @@ requests); the display only reads them.
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -20,8 +19,6 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 from rich.table import Table
 
 from pipeline.dispatch import DispatchStats
-
-log = logging.getLogger("pipeline")
 
 #: How often the plain (non-terminal) display prints a line.
 PLAIN_INTERVAL_S = 5.0
