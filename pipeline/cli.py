@@ -85,12 +85,15 @@ def run(job: Path, input_: Path | None, **flags: Any) -> None:
             ("output", s["output"]),
             ("rows", f"{s['rows']:,} ({s['resumed']:,} done by an earlier run)"),
             (
-                "requests",
-                f"{s['requests_sent']:,} sent, {s['retries']:,} retried, "
-                f"{s['rate_limited']:,} rate-limited",
+                "this run",
+                f"{s['requests_sent']:,} requests sent, {s['retries']:,} retried, "
+                f"{s['rate_limited']:,} rate-limited, ${s['cost_this_run_usd']:.6f}",
             ),
-            ("tokens", f"{s['prompt_tokens']:,} prompt, {s['completion_tokens']:,} completion"),
-            ("cost", f"${s['cost_usd']:.6f} ({s['price_source']})"),
+            (
+                "tokens",
+                f"{s['prompt_tokens']:,} prompt, {s['completion_tokens']:,} completion (all rows)",
+            ),
+            ("cost", f"${s['cost_usd']:.6f} for all rows ({s['price_source']})"),
             ("cut off", f"{s['cut_off_by_max_tokens']:,} rows hit max_tokens"),
             ("time", f"{s['duration_s']:.1f} s"),
             ("checkpoint", s["journal"]),

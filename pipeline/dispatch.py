@@ -31,7 +31,6 @@ from pipeline.errors import (
     ReadFailed,
     RequestFailure,
     ResponseInvalid,
-    RowFailed,
     ServerError,
 )
 from pipeline.limits import Limiter
@@ -211,7 +210,13 @@ class Dispatcher:
         return answer
 
     def _watch_repeats(self, failure: RequestFailure) -> None:
-        if not isinstance(failure, RowFailed) or failure.status is None:
+        """Halt when rows keep failing for good in the same way: it is the job.
+
+        Counts every row's final failure, retried or not: a server that answers a
+        request it cannot take with the same 500 on every row (llama.cpp does, for a
+        response_format it lacks) is as much a job problem as a repeated 400.
+        """
+        if failure.status is None:
             self._same_error = ("", 0)
             return
         signature = f"{failure.status}:{failure.message[:200]}"

@@ -87,6 +87,8 @@ class Totals:
     cost_usd: float
     prompt_tokens: int
     completion_tokens: int
+    #: Rows whose answer stopped at max_tokens.
+    cut_off: int = 0
 
 
 @dataclass(frozen=True)
@@ -234,9 +236,12 @@ class Journal:
         row = self._reader.execute(
             "SELECT count(*) FILTER (WHERE status = 'ok'),"
             " count(*) FILTER (WHERE status = 'failed'),"
-            " total(cost_usd), total(prompt_tokens), total(completion_tokens) FROM results"
+            " total(cost_usd), total(prompt_tokens), total(completion_tokens),"
+            " count(*) FILTER (WHERE finish_reason = 'length') FROM results"
         ).fetchone()
-        return Totals(int(row[0]), int(row[1]), float(row[2]), int(row[3]), int(row[4]))
+        return Totals(
+            int(row[0]), int(row[1]), float(row[2]), int(row[3]), int(row[4]), int(row[5])
+        )
 
     def close(self) -> None:
         self.checkpoint()

@@ -17,6 +17,7 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.dispatch import DispatchStats
 
@@ -33,7 +34,6 @@ class Counters:
     resumed: int = 0
     ok: int = 0
     failed: int = 0
-    cut_off: int = 0  # finish_reason "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -127,5 +127,6 @@ def summary_table(title: str, rows: Sequence[tuple[str, str]], stream: TextIO) -
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for name, value in rows:
-        table.add_row(name, value)
+        # Text, not markup: "[price]" or a path with brackets must print as it is.
+        table.add_row(Text(name), Text(value))
     Console(file=stream, soft_wrap=True).print(table)

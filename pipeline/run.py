@@ -263,7 +263,6 @@ class Runner:
                 c.ok += 1
             else:
                 c.failed += 1
-            c.cut_off += r.finish_reason == "length"
             c.prompt_tokens += r.prompt_tokens or 0
             c.completion_tokens += r.completion_tokens or 0
             c.cost_usd += r.cost_usd or 0.0
@@ -444,7 +443,7 @@ def _finish(plan: Plan, journal: Journal, runner: Runner, started: float) -> dic
         "pending": written - totals.ok - totals.failed,
         "resumed": c.resumed,
         "shared_answers": runner.shared,
-        "cut_off_by_max_tokens": c.cut_off,
+        "cut_off_by_max_tokens": totals.cut_off,
         "requests_sent": stats.sent,
         "retries": stats.retries,
         "rate_limited": stats.rate_limited,

@@ -165,6 +165,18 @@ def test_same_client_error_on_many_rows_halts_the_job(tmp_path: Path, sim: Serve
     assert sim.sim.stats.requests < 60
 
 
+def test_same_server_error_on_every_row_halts_the_job(tmp_path: Path, sim: Server) -> None:
+    # llama.cpp answers a response_format it lacks with the same 500 on every row.
+    rows = [{"id": i, "text": f"{i} <<sim:500>>"} for i in range(200)]
+    job = write_job(tmp_path, rows, limits={"concurrency": 4, "max_attempts": 2})
+
+    result = run_job(job, sim)
+
+    assert result.exit_code == 4
+    assert "same error" in result.output
+    assert sim.sim.stats.requests < 2 * 60
+
+
 def test_connection_refused_is_retried_then_fails_the_rows(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -290,3 +290,17 @@ def test_estimate_forecasts_tokens_cost_and_time_without_sending(
     assert "at most 300 tokens" in result.output
     assert "at least 0.5 min" in result.output
     assert sim.sim.stats.requests == 0
+
+
+def test_summary_prints_brackets_as_text(tmp_path: Path, sim: Server) -> None:
+    job = write_job(
+        tmp_path,
+        texts(2),
+        request={"model": "my-llama"},
+        tables={"price": {"input_per_mtok": 0.0, "output_per_mtok": 0.0}},
+    )
+
+    result = run_job(job, sim)
+
+    assert result.exit_code == 0, result.output
+    assert "job [price]" in result.output
