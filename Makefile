@@ -21,6 +21,7 @@ check: setup
 	$(BIN)/ruff format --check pipeline tests bench
 	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/mypy
+	MYPYPATH=bench $(BIN)/mypy --strict bench
 
 test: check
 	$(BIN)/python -m pytest

@@ -16,15 +16,14 @@ import contextlib
 import dataclasses
 import io
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+from simproc import simulator
 
 from pipeline.journal import Journal
 from pipeline.parse import RowResult
@@ -70,7 +69,7 @@ class CountedJournal(Journal):
     def write(
         self,
         *,
-        sending: Sequence[tuple[int, str, int]] = (),
+        sending: Sequence[tuple[int, int, int]] = (),
         results: Sequence[RowResult] = (),
     ) -> None:
         self.commits += 1
@@ -83,7 +82,7 @@ class UnwrittenJournal(Journal):
     def write(
         self,
         *,
-        sending: Sequence[tuple[int, str, int]] = (),
+        sending: Sequence[tuple[int, int, int]] = (),
         results: Sequence[RowResult] = (),
     ) -> None:
         return None
@@ -102,38 +101,8 @@ class Sample:
         return self.cpu_s * 1000 / self.requests
 
 
-@contextlib.contextmanager
-def simulator(directory: Path) -> Iterator[str]:
-    """`pipeline simulate` on a free port, in its own process; killed on the way out."""
-    log_path = directory / "simulator.log"
-    # Port 0: the simulator takes a free port and says which in its "listening" line.
-    command = ["simulate", "--port", "0", "--latency-ms", str(LATENCY_MS)]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *command], stdout=subprocess.DEVNULL, stderr=log
-        )
-    try:
-        yield _listening_url(proc, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _listening_url(proc: subprocess.Popen[bytes], log_path: Path) -> str:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        said = log_path.read_text()
-        for line in said.splitlines():
-            if "listening on " in line:
-                return line.split("listening on ", 1)[1].strip()
-        if proc.poll() is not None:
-            raise RuntimeError(f"the simulator exited with {proc.returncode}: {said}")
-        time.sleep(0.05)
-    raise RuntimeError(f"the simulator did not say it was listening in {START_TIMEOUT_S} s")
+def running_simulator(directory: Path) -> contextlib.AbstractContextManager[str]:
+    return simulator(["--latency-ms", str(LATENCY_MS)], directory / "simulator.log")
 
 
 def write_job(directory: Path) -> Path:
@@ -189,7 +158,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
         directory = Path(tmp)
         job = write_job(directory)
-        with simulator(directory) as base_url:
+        with running_simulator(directory) as base_url:
             plan = make_plan(load_job(job), RunOptions(base_url=base_url), env={})
             runs: dict[str, list[Sample]] = {"with": [], "without": []}
             for i in range(REPEATS):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -28,12 +27,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import aiohttp
+from simproc import simulator
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = REPO / "bench" / "baseline.py"
@@ -303,36 +303,6 @@ class Run:
 # The simulator
 
 
-@contextlib.contextmanager
-def simulator(server: Server, log_path: Path) -> Iterator[str]:
-    """`pipeline simulate` on a free port, in its own process; killed on the way out."""
-    command = [sys.executable, "-m", "pipeline", "simulate", "--port", "0", *server.args()]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        yield _listening_url(proc, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=REAP_TIMEOUT_S)
-
-
-def _listening_url(proc: subprocess.Popen[bytes], log_path: Path) -> str:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        said = log_path.read_text()
-        for line in said.splitlines():
-            if "listening on " in line:
-                return line.split("listening on ", 1)[1].strip()
-        if proc.poll() is not None:
-            raise RuntimeError(f"the simulator exited with {proc.returncode}: {said}")
-        time.sleep(0.05)
-    raise RuntimeError(f"the simulator did not say it was listening in {START_TIMEOUT_S} s")
-
-
 def read_stats(base_url: str) -> Stats:
     url = base_url.removesuffix("/v1") + "/_sim/stats"
     with urllib.request.urlopen(url, timeout=5) as answer:
@@ -492,7 +462,8 @@ def command(tool: Tool, scenario: Scenario, inputs: Inputs, base_url: str, out: 
 def run_one(scenario: Scenario, tool: Tool, inputs: Inputs, directory: Path) -> Run:
     stem = directory / f"{scenario.name}-{scenario.rows}-{tool}"
     out = stem.with_suffix(".parquet")
-    with simulator(scenario.server, stem.with_suffix(".simulator.log")) as base_url:
+    log_path = stem.with_suffix(".simulator.log")
+    with simulator(scenario.server.args(), log_path, cwd=REPO) as base_url:
         if scenario.spend:
             spend(base_url, scenario.spend)
         before = read_stats(base_url)
