@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,3 +93,17 @@ def run_job(job: Path, sim: Server, *args: str, env: Mapping[str, str] | None = 
 
 def read_output(path: Path) -> pl.DataFrame:
     return pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
+
+
+def spawn_run(job: Path, url: str, *args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
+    """`pipeline run JOB --base-url URL ARGS` as a child process (to signal or kill),
+    without the developer's OpenAI variables; its stderr is piped, as text."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(job), "--base-url", url, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 import select
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import Server, invoke, read_output, run_job, write_job
+from conftest import Server, invoke, read_output, run_job, spawn_run, write_job
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,17 +28,6 @@ WAIT_S = 30.0
 
 def texts(n: int, prefix: str = "row") -> list[dict[str, object]]:
     return [{"id": i, "text": f"{prefix} {i}"} for i in range(n)]
-
-
-def child(job: Path, url: str, *args: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(job), "--base-url", url, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
 
 
 def committed(journal: Path) -> int:
@@ -71,7 +58,7 @@ def slow_server(latency_ms: float = 100) -> Iterator[Server]:
 def test_sigint_drains_in_flight_writes_the_output_and_exits_130(tmp_path: Path) -> None:
     job = write_job(tmp_path, texts(300), limits={"concurrency": 4})
     with slow_server() as server:
-        proc = child(job, server.url)
+        proc = spawn_run(job, server.url)
         wait_until_committed(tmp_path / "out.journal.sqlite", 8)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=WAIT_S)
@@ -96,7 +83,7 @@ def test_sigint_drains_in_flight_writes_the_output_and_exits_130(tmp_path: Path)
 def test_second_signal_exits_at_once_and_the_journal_stays_consistent(tmp_path: Path) -> None:
     job = write_job(tmp_path, texts(300), limits={"concurrency": 4})
     with slow_server(latency_ms=3000) as slow:
-        proc = child(job, slow.url)
+        proc = spawn_run(job, slow.url)
         wait_until_committed(tmp_path / "out.journal.sqlite", 4)
         proc.send_signal(signal.SIGINT)
         heard = wait_for_line(proc, "interrupt again to stop at once")
@@ -134,7 +121,7 @@ def wait_for_line(proc: subprocess.Popen[str], text: str) -> str:
 def test_second_concurrent_run_is_refused_at_once(tmp_path: Path) -> None:
     job = write_job(tmp_path, texts(200), limits={"concurrency": 2})
     with slow_server(latency_ms=300) as server:
-        first = child(job, server.url)
+        first = spawn_run(job, server.url)
         try:
             wait_until_committed(tmp_path / "out.journal.sqlite", 1)
             second = run_job(job, server)
@@ -150,7 +137,7 @@ def test_second_concurrent_run_is_refused_at_once(tmp_path: Path) -> None:
 def test_lock_dies_with_a_killed_run(tmp_path: Path, sim: Server) -> None:
     job = write_job(tmp_path, texts(50), limits={"concurrency": 2})
     with slow_server(latency_ms=300) as server:
-        first = child(job, server.url)
+        first = spawn_run(job, server.url)
         wait_until_committed(tmp_path / "out.journal.sqlite", 1)
         first.kill()
         first.communicate(timeout=WAIT_S)
@@ -283,7 +270,7 @@ def test_disk_full_mid_run_halts_cleanly_and_loses_nothing(tmp_path: Path) -> No
     job = write_job(tmp_path, texts(400), limits={"concurrency": 4})
     with small_disk(tmp_path / "disk", mib=80) as disk, slow_server(latency_ms=50) as server:
         journal = disk / "job.journal.sqlite"
-        proc = child(job, server.url, "--journal", str(journal))
+        proc = spawn_run(job, server.url, "--journal", str(journal))
         wait_until_committed(journal, 20)
         filler = fill(disk)
         _, stderr = proc.communicate(timeout=WAIT_S)

@@ -11,18 +11,16 @@ job outlasts the kills on any machine and the test takes about half a minute.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import read_output, write_job
+from conftest import read_output, spawn_run, write_job
 
 from pipeline.simulator import SimConfig, Simulator, running_in_thread
 
@@ -122,15 +120,7 @@ def seen(sim: Simulator) -> Counter[int]:
 
 def run_child(job: Path, url: str, kill_at: float | None) -> tuple[bool, int, str]:
     """Start a run; SIGKILL it `kill_at` seconds after its start unless it ends first."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(job), "--base-url", url],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=job.parent,
-    )
+    proc = spawn_run(job, url, cwd=job.parent)
     try:
         _, stderr = proc.communicate(timeout=CHILD_TIMEOUT_S if kill_at is None else kill_at)
         return False, proc.returncode, stderr
@@ -141,7 +131,7 @@ def run_child(job: Path, url: str, kill_at: float | None) -> tuple[bool, int, st
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.communicate()
 
 
 def test_sigkill_at_random_instants_loses_nothing_and_bounds_duplicates(tmp_path: Path) -> None:
@@ -266,13 +256,7 @@ def test_resume_before_any_result_reports_in_flight(tmp_path: Path) -> None:
     job = write_job(tmp_path, rows, limits={"concurrency": 4})
     # Answers take 30 s: every request is received, none answered, none committed.
     with running_in_thread(SimConfig(latency_ms=30_000)) as (url, slow):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run", str(job), "--base-url", url],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
+        proc = spawn_run(job, url)
         try:
             deadline = time.monotonic() + CHILD_TIMEOUT_S
             while slow.stats.requests < len(rows):
@@ -280,7 +264,7 @@ def test_resume_before_any_result_reports_in_flight(tmp_path: Path) -> None:
                 time.sleep(0.02)
         finally:
             proc.kill()
-            proc.wait()
+            proc.communicate()
     assert not read_checkpoint(tmp_path / "out.journal.sqlite").results
 
     with running_in_thread(SimConfig()) as (url, _):
