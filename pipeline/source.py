@@ -32,6 +32,8 @@ from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, get_arg
 
 import orjson
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 
@@ -88,6 +90,9 @@ class Source:
         """
         if size < 1 or start < 0:
             raise ValueError(f"need size >= 1 and start >= 0, got size={size}, start={start}")
+        if self.format == "parquet":
+            yield from self._parquet_batches(size, start)
+            return
         frame = self._indexed().slice(start)
         try:
             for chunk in frame.collect_batches(chunk_size=size, lazy=True):
@@ -95,6 +100,24 @@ class Source:
                 for offset in range(0, chunk.height, size):
                     yield chunk.slice(offset, size)
         except (pl.exceptions.PolarsError, OSError) as err:
+            problem = f"changed or became unreadable while reading: {_first_line(err)}"
+            raise _input_error(self.path, problem) from err
+
+    def _parquet_batches(self, size: int, start: int) -> Iterator[pl.DataFrame]:
+        """Parquet one row group at a time, through pyarrow: polars' streaming scan
+        buffers more the bigger the file (334 MB at 2M rows against 76 MB at 20k)."""
+        position = 0
+        try:
+            reader = pq.ParquetFile(self.path)
+            for part in reader.iter_batches(batch_size=size, columns=list(self.columns)):
+                rows = part.num_rows
+                if position + rows > start:
+                    frame = pl.DataFrame(pl.from_arrow(part)).cast(self.schema)  # type: ignore[arg-type]
+                    index = pl.int_range(position, position + rows, dtype=pl.UInt64, eager=True)
+                    frame = frame.insert_column(0, index.alias(ROW_INDEX))
+                    yield frame.slice(max(0, start - position))
+                position += rows
+        except (pa.ArrowException, OSError) as err:
             problem = f"changed or became unreadable while reading: {_first_line(err)}"
             raise _input_error(self.path, problem) from err
 

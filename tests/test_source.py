@@ -526,3 +526,20 @@ def test_first_ragged_row_is_the_one_named(width: int, rows: list[list[str]]) ->
     row = ragged[0]
     assert f": row {row} (line" in str(caught.value)
     assert f"has {len(rows[row - 1])} fields, the header has {width}" in str(caught.value)
+
+
+def test_parquet_batches_cross_row_groups_in_order_from_any_start(tmp_path: Path) -> None:
+    path = tmp_path / "groups.parquet"
+    pl.DataFrame({"id": range(50), "text": [f"t{i}" for i in range(50)]}).write_parquet(
+        path, row_group_size=7
+    )
+    source = open_source(path)
+
+    batches = list(source.batches(5, start=12))
+
+    rows = pl.concat(batches)
+    assert all(b.height <= 5 for b in batches)
+    assert rows[ROW_INDEX].to_list() == list(range(12, 50))
+    assert rows["id"].to_list() == list(range(12, 50))
+    assert rows.columns == [ROW_INDEX, "id", "text"]
+    assert rows.schema[ROW_INDEX] == pl.UInt64
