@@ -128,7 +128,7 @@ def measure(plan: Plan, journal_type: type[Journal], path: Path, base_url: str) 
 
 
 async def _dispatch(plan: Plan, journal: Journal, base_url: str) -> Sample:
-    runner = Runner(plan, journal, base_url)
+    runner = Runner(plan, journal, base_url, journal.totals())
     request = plan.job.request
     transport = AiohttpTransport(
         timeout_s=request.timeout_s, connect_timeout_s=request.connect_timeout_s

@@ -37,7 +37,7 @@ from pipeline.errors import (
     PipelineError,
     RowRejected,
 )
-from pipeline.journal import Journal
+from pipeline.journal import Journal, Totals
 from pipeline.limits import Limiter
 from pipeline.output import write_bytes_atomic, write_output
 from pipeline.parse import RowResult, to_result
@@ -45,7 +45,7 @@ from pipeline.plan import BATCH_ROWS, Plan, fingerprint, limited
 from pipeline.progress import Counters, Display
 from pipeline.render import NullValue, RenderFailed, estimate_tokens
 from pipeline.source import ROW_INDEX
-from pipeline.spec import Job
+from pipeline.spec import Job, digest
 from pipeline.transport import AiohttpTransport
 
 #: Entries committed in one transaction at most; a commit takes whatever is waiting.
@@ -87,15 +87,14 @@ Entry = Outcome | Sending | RowResult | None
 class Runner:
     """One run's moving parts: a producer, the workers and the journal writer."""
 
-    def __init__(self, plan: Plan, journal: Journal, base_url: str):
+    def __init__(self, plan: Plan, journal: Journal, base_url: str, earlier: Totals):
         self.plan = plan
         self.journal = journal
         job = plan.job
         self.url = base_url + plan.endpoint.path
         self.headers = auth_headers(plan.api_key)
         self.limiter = Limiter(rpm=job.limits.rpm, tpm=job.limits.tpm)
-        totals = journal.totals()
-        resumed = totals.ok if plan.options.retry_failed else totals.ok + totals.failed
+        resumed = earlier.ok if plan.options.retry_failed else earlier.ok + earlier.failed
         self.counters = Counters(total=plan.rows, resumed=resumed)
         self.dispatcher: Dispatcher | None = None
         self._outbox: asyncio.Queue[Entry] = asyncio.Queue(maxsize=COMMIT_ROWS)
@@ -236,13 +235,13 @@ class Runner:
                 self.journal.write(sending=sending, results=results)
                 last_commit = time.monotonic()
                 commits += 1
+                if commits % CHECKPOINT_COMMITS == 0 and (
+                    checkpointing is None or checkpointing.done()
+                ):
+                    checkpointing = tg.create_task(asyncio.to_thread(self.journal.checkpoint))
             for future in waiting:
                 future.set_result(None)
             self._count(results)
-            if commits % CHECKPOINT_COMMITS == 0 and (
-                checkpointing is None or checkpointing.done()
-            ):
-                checkpointing = tg.create_task(asyncio.to_thread(self.journal.checkpoint))
 
     def _results(self, outcome: Outcome) -> list[RowResult]:
         """The outcome's row, and the rows that sent nothing and wait for its answer."""
@@ -299,11 +298,12 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
             input=str(plan.source.path),
             rows=str(plan.rows),
         )
-        resume = _resume_note(plan, journal)
+        earlier = journal.totals()
+        resume = _resume_note(plan, journal, earlier.ok + earlier.failed)
         if resume:
             notify(resume)
         async with _server(plan) as base_url:
-            runner = Runner(plan, journal, base_url)
+            runner = Runner(plan, journal, base_url, earlier)
             dispatcher = await _run_with_signals(runner, plan.job, notify)
         summary = await asyncio.to_thread(_finish, plan, journal, runner, started)
         report = _report(plan, dispatcher, summary)
@@ -323,9 +323,9 @@ def _report(plan: Plan, dispatcher: Dispatcher, summary: dict[str, Any]) -> Repo
     return Report(0, None, summary)
 
 
-def _resume_note(plan: Plan, journal: Journal) -> str | None:
+def _resume_note(plan: Plan, journal: Journal, done: int) -> str | None:
     """What a resume will skip, and what the last run's crash may have cost."""
-    done, flight = journal.count(), journal.in_flight()
+    flight = journal.in_flight()
     if done == 0 and flight.rows == 0:
         return None
     note = f"resuming from {journal.path}: {done:,} rows done by earlier runs are not sent again"
@@ -418,7 +418,7 @@ def _finish(plan: Plan, journal: Journal, runner: Runner, started: float) -> dic
     parts = fingerprint(plan)
     provenance = {
         "job": job.name,
-        "job_fingerprint": _short(parts),
+        "job_fingerprint": digest(parts),
         "template_hash": parts["template"],
         "price_source": plan.pricer.source,
         "model": job.request.model,
@@ -465,7 +465,3 @@ def redact(text: str, secret: str | None) -> str:
     if secret and len(secret) >= 8:
         return text.replace(secret, "[redacted]")
     return text
-
-
-def _short(parts: dict[str, str]) -> str:
-    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]

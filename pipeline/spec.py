@@ -206,10 +206,11 @@ class Job(_Strict):
             ),
             "output schema": self.json_schema(),
         }
-        return {name: _digest(value) for name, value in parts.items()}
+        return {name: digest(value) for name, value in parts.items()}
 
 
-def _digest(value: Any) -> str:
+def digest(value: Any) -> str:
+    """A short, stable hash of a JSON-able value (keys sorted)."""
     return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
