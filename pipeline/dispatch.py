@@ -14,15 +14,16 @@ hand, leave the rest unsent (pending, for a later resume) and drain their queue.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
-from pipeline.endpoints import Answer, Endpoint, HttpRequest, HttpResponse
+from pipeline.endpoints import Answer, Endpoint, HttpRequest, HttpResponse, Usage
 from pipeline.errors import (
     Fatal,
     Halted,
@@ -46,23 +47,60 @@ MAX_RATE_LIMITED = 50
 
 @dataclass(slots=True)
 class Work:
-    row: int
+    """One request: one row, or several for endpoints that batch (embeddings)."""
+
+    rows: tuple[int, ...]
     request: HttpRequest
     #: Estimated cost against the TPM limit: prompt tokens plus max output tokens.
     tokens: int
-    #: The request body's hash (64 bits): the journal's key for identical requests.
-    digest: int = 0
+    #: Each row's request hash (64 bits): the journal's key for identical requests.
+    digests: tuple[int, ...] = (0,)
+    #: Each row's estimated prompt tokens: a batch's usage is shared by these.
+    weights: tuple[int, ...] = (0,)
+    #: What the request was encoded from (a tool loop builds the next one from it).
+    payload: Any = None
 
 
 @dataclass(slots=True)
 class Outcome:
-    row: int
-    answer: Answer | None
+    """What came of one request: an answer per row, or a failure for all its rows."""
+
+    work: Work
+    answers: list[Answer] | None
     failure: RequestFailure | None
     attempts: int
     http_status: int | None = None
     latency_ms: float | None = None
-    digest: int | None = None
+
+
+def rejected(row: int, failure: RequestFailure, digest: int = 0) -> Outcome:
+    """The outcome of a row that failed before any request was sent."""
+    work = Work((row,), _NOT_SENT, 0, (digest,))
+    return Outcome(work, None, failure, attempts=0)
+
+
+_NOT_SENT = HttpRequest("POST", "", {}, b"")
+
+
+class ToolLoop(Protocol):
+    """Runs a tool-calling answer's calls and builds the request that sends the results."""
+
+    max_rounds: int
+
+    def next_work(self, work: Work, answer: Answer) -> Work: ...
+
+
+def _with_usage(answer: Answer, earlier: Usage) -> Answer:
+    """The answer with the usage of the tool loop's earlier rounds added: all was billed."""
+    u = answer.usage
+    total = Usage(
+        u.prompt_tokens + earlier.prompt_tokens,
+        u.completion_tokens + earlier.completion_tokens,
+        u.cached_tokens + earlier.cached_tokens,
+        u.reasoning_tokens + earlier.reasoning_tokens,
+        u.cache_write_tokens + earlier.cache_write_tokens,
+    )
+    return dataclasses.replace(answer, usage=total)
 
 
 class Sink(Protocol):
@@ -104,6 +142,7 @@ class Dispatcher:
         policy: RetryPolicy,
         check: Callable[[Answer], None],
         *,
+        tools: ToolLoop | None = None,
         before_send: Callable[[Work], Awaitable[None]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         seed: int | None = None,
@@ -113,6 +152,7 @@ class Dispatcher:
         self._limiter = limiter
         self._policy = policy
         self._check = check
+        self._tools = tools
         #: Awaited before a row's first attempt: the journal records it as sent.
         self._before_send = before_send
         self._sleep = sleep
@@ -139,16 +179,13 @@ class Dispatcher:
             outcome = await self.send(work)
             if outcome is not None:
                 await outbox.put(outcome)
-                if outcome.answer is not None:
-                    usage = outcome.answer.usage
-                    actual = usage.prompt_tokens + usage.completion_tokens
-                    await self._limiter.settle(work.tokens, actual)
 
     async def send(self, work: Work) -> Outcome | None:
-        """All attempts for one row. None when the run stopped before the row was done."""
-        sends = tries = 0  # tries: the sends that count against max_attempts
+        """All attempts for one request. None when the run stopped before it was done."""
+        sends = tries = rounds = 0  # tries: the sends that count against max_attempts
         if self._before_send is not None:
             await self._before_send(work)
+        spent = Usage()  # by earlier rounds of a tool loop
         while True:
             await self._limiter.acquire(work.tokens)
             if self.stopped:
@@ -159,7 +196,25 @@ class Dispatcher:
             if failure is None:
                 self._same_error = ("", 0)
                 self._limiter.recovered()
-                return outcome
+                answers = outcome.answers or []
+                actual = sum(a.usage.prompt_tokens + a.usage.completion_tokens for a in answers)
+                await self._limiter.settle(work.tokens, actual)
+                if self._tools is None:
+                    return outcome
+                answer = _with_usage(answers[0], spent)
+                outcome.answers = [answer]
+                if not answer.extra.get("tool_calls"):
+                    return outcome
+                if rounds >= self._tools.max_rounds:
+                    outcome.failure = ResponseInvalid(
+                        f"the model still called tools after {rounds} rounds "
+                        "(max_tool_rounds): no final answer"
+                    )
+                    return outcome
+                rounds += 1
+                spent = answer.usage
+                work = await asyncio.to_thread(self._tools.next_work, work, answer)
+                continue
             if isinstance(failure, Fatal):
                 self.stop(Halted(failure.message))
                 return None
@@ -187,27 +242,28 @@ class Dispatcher:
             response = await self._transport.send(work.request)
             self._limiter.observe(response.headers, work.tokens)
             failure = classify(response, self._endpoint, request_tokens=work.tokens)
-            answer = self._read(response) if failure is None else None
+            answers = self._read(response, work) if failure is None else None
         except RequestFailure as exc:
-            failure, answer = exc, None
+            failure, answers = exc, None
         latency = (time.perf_counter() - started) * 1000.0
         status = response.status if response is not None else None
-        return Outcome(work.row, answer, failure, attempt, status, latency, work.digest)
+        return Outcome(work, answers, failure, attempt, status, latency)
 
-    def _read(self, response: HttpResponse) -> Answer:
+    def _read(self, response: HttpResponse, work: Work) -> list[Answer]:
         try:
             data = orjson.loads(response.body)
-            answer = self._endpoint.answer(data, response.headers)
+            answers = self._endpoint.answers(data, response.headers, work.weights)
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
             raise ReadFailed(
                 f"HTTP {response.status} with a body that does not parse: {exc}"
             ) from None
-        try:
-            self._check(answer)
-        except ResponseInvalid as exc:
-            exc.answer = answer
-            raise
-        return answer
+        for answer in answers:
+            try:
+                self._check(answer)
+            except ResponseInvalid as exc:
+                exc.answer = answer
+                raise
+        return answers
 
     def _watch_repeats(self, failure: RequestFailure) -> None:
         """Halt when rows keep failing for good in the same way: it is the job.

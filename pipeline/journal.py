@@ -33,10 +33,12 @@ import polars as pl
 from pipeline.errors import JobError, OutputError
 from pipeline.parse import RESULT_SCHEMA, RowResult
 
+#: Stored beside RESULT_SCHEMA's columns, written to the output only for some jobs.
+_OPTIONAL = {"tool_calls": pl.String()}
 #: What `results` returns: the row and the output's result columns.
-_COLUMNS = ("row", *RESULT_SCHEMA)
+_COLUMNS = ("row", *RESULT_SCHEMA, *_OPTIONAL)
 #: What is stored: RowResult's fields, in order.
-_STORED = ("row", "request_hash", *RESULT_SCHEMA)
+_STORED = ("row", "request_hash", *RESULT_SCHEMA, *_OPTIONAL)
 #: SQLite allows 999 parameters in one statement on old builds; stay well under.
 _IN_CHUNK = 500
 
@@ -56,6 +58,7 @@ CREATE TABLE IF NOT EXISTS results (
     row INTEGER PRIMARY KEY,
     request_hash INTEGER,
     {", ".join(f"{name} {_sql_type(dtype)}" for name, dtype in RESULT_SCHEMA.items())},
+    {", ".join(f"{name} {_sql_type(dtype)}" for name, dtype in _OPTIONAL.items())},
     -- estimated tokens of a request in flight: what it may have cost
     tokens INTEGER
 );
@@ -127,6 +130,7 @@ class Journal:
                     Path(f"{path}{suffix}").unlink(missing_ok=True)
             db = _connect(path)
             db.executescript(_SCHEMA)
+            _add_missing_columns(db)
             journal = cls(path, db, lock)
             journal._check_fingerprint(fingerprint)
         except BaseException:
@@ -219,7 +223,7 @@ class Journal:
             f"WHERE row BETWEEN ? AND ? AND {_DONE} ORDER BY row",
             (first, last),
         )
-        schema = {"row": pl.Int64(), **RESULT_SCHEMA}
+        schema = {"row": pl.Int64(), **RESULT_SCHEMA, **_OPTIONAL}
         return pl.DataFrame(cursor.fetchall(), schema=schema, orient="row")
 
     def in_flight(self) -> InFlight:
@@ -278,6 +282,15 @@ def _lock(path: Path) -> IO[str]:
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """A journal from an earlier version of the tool gains the columns added since."""
+    have = {name for _, name, *_ in db.execute("PRAGMA table_info(results)")}
+    with db:
+        for name, dtype in _OPTIONAL.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE results ADD COLUMN {name} {_sql_type(dtype)}")
 
 
 def _connect(path: Path) -> sqlite3.Connection:

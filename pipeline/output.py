@@ -1,7 +1,7 @@
 """Journal + input -> the output table, in input order, written atomically.
 
-    rows = write_output(Path("out/x.parquet"), batches, journal, fields=None, prefix="",
-                        metadata={"pipeline.version": "0.1.0"})
+    rows = write_output(Path("out/x.parquet"), batches, journal, shape=OutputShape(),
+                        prefix="", metadata={"pipeline.version": "0.1.0"})
 
 One output row per input row: the input columns unchanged, then the result columns.
 A row with no result yet (the run stopped early) has status "pending". The table is
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import OutputError
 from pipeline.journal import Journal
-from pipeline.parse import FIELDS_AFTER, RESULT_SCHEMA
+from pipeline.parse import OutputShape
 from pipeline.source import ROW_INDEX
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
@@ -43,29 +43,35 @@ def write_output(
     batches: Iterable[pl.DataFrame],
     journal: Journal,
     *,
-    fields: pl.Struct | None,
+    shape: OutputShape,
     prefix: str,
     metadata: Mapping[str, str],
 ) -> int:
     """Write the output; return its row count. The old file stays until the new is whole."""
     fmt = output_format(path)
-    frames = (_with_results(b, journal, fields, prefix) for b in batches)
+    frames = (_with_results(b, journal, shape, prefix) for b in batches)
     writer = _write_parquet if fmt == "parquet" else _write_csv
     return atomic_write(path, lambda tmp: writer(tmp, frames, metadata))
 
 
 def _with_results(
-    batch: pl.DataFrame, journal: Journal, fields: pl.Struct | None, prefix: str
+    batch: pl.DataFrame, journal: Journal, shape: OutputShape, prefix: str
 ) -> pl.DataFrame:
     rows = batch.get_column(ROW_INDEX)
     results = journal.results(int(rows.min() or 0), int(rows.max() or 0))  # type: ignore[arg-type]
     joined = batch.join(
         results, left_on=ROW_INDEX, right_on="row", how="left", maintain_order="left"
     ).with_columns(pl.col("status").fill_null("pending"))
-    if fields is not None:
-        joined = _decode_fields(joined, fields)
-    names = [c for c in joined.columns if c not in batch.columns]
-    return joined.drop(ROW_INDEX).rename({c: prefix + c for c in names})
+    if shape.answer == "embedding":
+        joined = joined.with_columns(
+            pl.col("response").str.json_decode(pl.List(pl.Float32())).alias("response")
+        )
+    if shape.fields is not None:
+        joined = _decode_fields(joined, shape.fields)
+    names = shape.columns()
+    inputs = [c for c in batch.columns if c != ROW_INDEX]
+    joined = joined.rename({"response": shape.answer}).select([*inputs, *names])
+    return joined.rename({c: prefix + c for c in names})
 
 
 def _decode_fields(frame: pl.DataFrame, fields: pl.Struct) -> pl.DataFrame:
@@ -76,11 +82,7 @@ def _decode_fields(frame: pl.DataFrame, fields: pl.Struct) -> pl.DataFrame:
         .str.json_decode(fields)
         .alias("__fields")
     )
-    frame = frame.with_columns(decoded).unnest("__fields")
-    names = [f.name for f in fields.fields]
-    columns = [c for c in frame.columns if c not in names]
-    at = columns.index(FIELDS_AFTER) + 1
-    return frame.select([*columns[:at], *names, *columns[at:]])
+    return frame.with_columns(decoded).unnest("__fields")
 
 
 def _write_parquet(tmp: Path, frames: Iterator[pl.DataFrame], metadata: Mapping[str, str]) -> int:
@@ -157,10 +159,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def result_columns(fields: pl.Struct | None, prefix: str) -> list[str]:
+def result_columns(shape: OutputShape, prefix: str) -> list[str]:
     """The result column names of the output, in order (for collision checks)."""
-    names = list(RESULT_SCHEMA)
-    if fields is not None:
-        at = names.index(FIELDS_AFTER) + 1
-        names[at:at] = [f.name for f in fields.fields]
-    return [prefix + n for n in names]
+    return [prefix + n for n in shape.columns()]

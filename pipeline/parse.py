@@ -69,35 +69,65 @@ class RowResult:
     latency_ms: float | None = None
     request_id: str | None = None
     model: str | None = None
+    #: The model's tool calls, as JSON: [{"id", "name", "arguments"}].
+    tool_calls: str | None = None
 
 
-def to_result(outcome: Outcome, pricer: Pricer) -> RowResult:
-    """The stored result of one row: its answer's columns, or its failure's, or both."""
+@dataclass(frozen=True)
+class OutputShape:
+    """Which answer columns a job's output has, besides RESULT_SCHEMA's."""
+
+    #: A JSON answer's typed fields, after `response`.
+    fields: pl.Struct | None = None
+    #: What `response` is written as: "response" (text), "embedding" (list[f32]),
+    #: "image_path" (the file the image was written to).
+    answer: str = "response"
+    #: A `tool_calls` column (JSON text), after the answer.
+    tool_calls: bool = False
+
+    def columns(self) -> list[str]:
+        """The result column names, in order."""
+        names = [self.answer if n == FIELDS_AFTER else n for n in RESULT_SCHEMA]
+        at = names.index(self.answer) + 1
+        extra = [f.name for f in self.fields.fields] if self.fields is not None else []
+        if self.tool_calls:
+            extra.append("tool_calls")
+        names[at:at] = extra
+        return names
+
+
+def to_results(outcome: Outcome, pricer: Pricer) -> list[RowResult]:
+    """The stored result of each row of a request: its answer's columns, its failure's, or both."""
     failure = outcome.failure
-    answer = outcome.answer
-    if answer is None and isinstance(failure, ResponseInvalid):
-        answer = failure.answer  # type: ignore[assignment]
-    result = RowResult(
-        row=outcome.row,
-        request_hash=outcome.digest,
-        status="ok" if failure is None else "failed",
-        attempts=outcome.attempts,
-        http_status=outcome.http_status,
-        latency_ms=outcome.latency_ms,
-    )
-    if failure is not None:
-        result.error_type, result.error = failure.kind, failure.message
-    if isinstance(answer, Answer):
-        _fill_answer(result, answer, pricer)
-    return result
+    answers = outcome.answers
+    if answers is None and isinstance(failure, ResponseInvalid) and failure.answer is not None:
+        answers = [failure.answer]  # type: ignore[list-item]
+    work = outcome.work
+    results = []
+    for index, row in enumerate(work.rows):
+        result = RowResult(
+            row=row,
+            request_hash=work.digests[index],
+            status="ok" if failure is None else "failed",
+            attempts=outcome.attempts,
+            http_status=outcome.http_status,
+            latency_ms=outcome.latency_ms,
+        )
+        if failure is not None:
+            result.error_type, result.error = failure.kind, failure.message
+        if answers is not None:
+            _fill_answer(result, answers[index], pricer)
+        results.append(result)
+    return results
 
 
 def _fill_answer(result: RowResult, answer: Answer, pricer: Pricer) -> None:
     usage = answer.usage
     result.finish_reason = answer.finish_reason
     result.response = answer.text
-    if answer.text is None and answer.extra:
-        result.response = orjson.dumps(answer.extra).decode()
+    calls = answer.extra.get("tool_calls")
+    if calls:
+        result.tool_calls = orjson.dumps(calls).decode()
     result.prompt_tokens = usage.prompt_tokens
     result.completion_tokens = usage.completion_tokens
     result.cached_tokens = usage.cached_tokens

@@ -19,13 +19,21 @@ from urllib.parse import urlsplit
 import polars as pl
 
 from pipeline.cost import Pricer, make_pricer
-from pipeline.endpoints import Endpoint, Usage, make_endpoint
+from pipeline.endpoints import (
+    Endpoint,
+    Provider,
+    RowProblem,
+    Usage,
+    make_endpoint,
+    make_provider,
+)
+from pipeline.endpoints.tools import ToolRunner
 from pipeline.errors import JobError, SpecError
 from pipeline.output import output_format, result_columns
-from pipeline.parse import AnswerCheck, fields_dtype, strict_schema_problem
-from pipeline.render import NullValue, Renderer, RenderFailed, estimate_tokens
+from pipeline.parse import AnswerCheck, OutputShape, fields_dtype, strict_schema_problem
+from pipeline.render import NullValue, Renderer, RenderFailed
 from pipeline.source import ROW_INDEX, Source, open_source
-from pipeline.spec import OPENAI_BASE_URL, Job
+from pipeline.spec import ANTHROPIC_BASE_URL, BASE_URL_ENV, OPENAI_BASE_URL, Job
 
 #: Rows read, rendered and queued at a time: bounds memory whatever the input's size.
 BATCH_ROWS = 2_000
@@ -57,8 +65,11 @@ class Plan:
     source: Source
     renderer: Renderer
     endpoint: Endpoint
+    provider: Provider
     check: AnswerCheck
-    fields: pl.Struct | None
+    shape: OutputShape
+    #: The job's tool functions, when it runs a tool loop.
+    tools: ToolRunner | None
     pricer: Pricer
     #: None with --simulate: the simulator's address is known once it listens.
     base_url: str | None
@@ -75,6 +86,11 @@ class Plan:
     @property
     def journal_path(self) -> Path:
         return journal_path(self.output, self.options.journal)
+
+    @property
+    def files_dir(self) -> Path:
+        """Where files that answers carry (generated images) are written."""
+        return self.output.with_name(f"{self.output.stem}.files")
 
     @property
     def summary_path(self) -> Path:
@@ -112,19 +128,29 @@ def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -
     source = open_source(job.input.path, format=job.input.format, key=job.input.key)
     renderer = Renderer(job.template, source.columns)
     schema = job.json_schema()
-    fields = _fields(job, schema)
-    _check_collisions(source.columns, result_columns(fields, job.output.prefix))
-    output_format(job.output_path)
-    pricer = make_pricer(job.request.model, job.price)
     base_url, api_key = _target(job, opts, env)
+    req = job.request
+    endpoint = make_endpoint(req, job.template, base_url or "", schema, source.path.parent)
+    shape = OutputShape(
+        fields=_fields(job, schema), answer=endpoint.answer_column, tool_calls=bool(req.tools)
+    )
+    _check_collisions(source.columns, result_columns(shape, job.output.prefix))
+    output_format(job.output_path)
+    pricer = make_pricer(req.model, job.price)
+    tools = None
+    if req.run_tools:
+        assert req.tools_module is not None
+        tools = ToolRunner.load(req.tools_module, [t.name for t in req.tools])
     rows = source.count()
     return Plan(
         job=job,
         source=source,
         renderer=renderer,
-        endpoint=make_endpoint(job.request, base_url or "", schema),
-        check=AnswerCheck(schema, json_object=job.request.response_format == "json_object"),
-        fields=fields,
+        endpoint=endpoint,
+        provider=make_provider(req),
+        check=AnswerCheck(schema, json_object=req.response_format == "json_object"),
+        shape=shape,
+        tools=tools,
         pricer=pricer,
         base_url=base_url,
         api_key=api_key,
@@ -154,19 +180,32 @@ def _target(job: Job, opts: RunOptions, env: Mapping[str, str]) -> tuple[str | N
     """Base URL and key: flag > environment > job file. No key is needed offline."""
     if opts.simulate:
         return None, None
-    base_url = (
-        opts.base_url or env.get("OPENAI_BASE_URL") or job.request.base_url or OPENAI_BASE_URL
-    ).rstrip("/")
+    req = job.request
+    default = {"openai": OPENAI_BASE_URL, "anthropic": ANTHROPIC_BASE_URL}.get(req.provider)
+    base_url = opts.base_url or env.get(BASE_URL_ENV[req.provider]) or req.base_url or default
+    if base_url is None:
+        raise SpecError(
+            "Azure OpenAI needs its endpoint: set base_url in [request] (or "
+            f"${BASE_URL_ENV['azure']}) to https://<resource>.openai.azure.com"
+        )
+    base_url = base_url.rstrip("/")
     if urlsplit(base_url).scheme not in ("http", "https"):
         raise SpecError(f"base URL {base_url!r} must start with http:// or https://")
-    return base_url, env.get(job.request.api_key_env) or None
+    return base_url, env.get(req.key_env) or None
+
+
+#: Hosts that refuse every request without a key: no run starts without one.
+_KEYED_HOSTS = ("api.openai.com", "api.anthropic.com", ".openai.azure.com", ".azure.com")
 
 
 def _key_problem(job: Job, base_url: str | None, api_key: str | None) -> str | None:
-    """Why the run cannot start for want of a key, or None. api.openai.com needs one."""
-    if api_key is not None or base_url is None or urlsplit(base_url).hostname != "api.openai.com":
+    """Why the run cannot start for want of a key, or None. The public APIs need one."""
+    if api_key is not None or base_url is None:
         return None
-    var = job.request.api_key_env
+    host = urlsplit(base_url).hostname or ""
+    if not any(host == h or (h.startswith(".") and host.endswith(h)) for h in _KEYED_HOSTS):
+        return None
+    var = job.request.key_env
     return (
         f"no API key: set {var} (export {var}=...), or point --base-url at an "
         "OpenAI-compatible server, or try the job offline with --simulate"
@@ -221,13 +260,14 @@ def estimate(plan: Plan) -> Estimate:
     for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
         for row in batch.iter_rows(named=True):
             try:
-                prompt += estimate_tokens(plan.renderer.messages(row))
+                prompt += plan.endpoint.item(plan.renderer.render(row)).tokens
                 rows += 1
-            except (NullValue, RenderFailed):
+            except (NullValue, RenderFailed, RowProblem):
                 rejected += 1
     completion = rows * plan.endpoint.max_output_tokens()
     limits = plan.job.limits
-    bounds = [rows / limits.rpm if limits.rpm else 0.0]
+    requests = -(-rows // plan.endpoint.batch_rows)
+    bounds = [requests / limits.rpm if limits.rpm else 0.0]
     bounds.append((prompt + completion) / limits.tpm if limits.tpm else 0.0)
     return Estimate(
         rows=rows,

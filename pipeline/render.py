@@ -14,14 +14,27 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta, nodes
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta, nodes
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pipeline.errors import TemplateError
 from pipeline.spec import TemplateSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One row, rendered: what an endpoint builds its part of a request from."""
+
+    #: {"role": ..., "content": str}, in order.
+    messages: list[dict[str, Any]]
+    #: Image references (URL, data URL or local path) for the last user message.
+    images: tuple[str, ...] = ()
+    #: A local file to upload (audio transcription).
+    file: str | None = None
 
 
 class NullValue(Exception):
@@ -48,23 +61,40 @@ class Renderer:
     def __init__(self, spec: TemplateSpec, columns: Sequence[str]) -> None:
         env = _environment()
         self._fail_on_null = spec.nulls == "fail"
-        self._parts = []
         used: set[str] = set()
-        for index, (role, text) in enumerate(spec.parts()):
-            name = role if spec.messages is None else f"messages[{index}]"
+
+        def compile(text: str, name: str) -> Template:
             ast = _parse(env, text, name)
-            used |= meta.find_undeclared_variables(ast) - _locals(ast)
-            self._parts.append((role, env.from_string(ast)))
+            used.update(meta.find_undeclared_variables(ast) - _locals(ast))
+            return env.from_string(ast)
+
+        self._parts = [
+            (role, compile(text, role if spec.messages is None else f"messages[{index}]"))
+            for index, (role, text) in enumerate(spec.parts())
+        ]
+        self._images = [compile(t, f"images[{i}]") for i, t in enumerate(spec.images)]
+        self._file = compile(spec.file, "file") if spec.file is not None else None
         _check_columns(used, columns)
         #: The input columns the templates read, in input order.
         self.columns = tuple(c for c in columns if c in used)
 
-    def messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
+    def messages(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return self.render(row).messages
+
+    def render(self, row: Mapping[str, Any]) -> Prompt:
+        """The row's messages, images and file; raise NullValue or RenderFailed."""
         values = self._values(row)
         try:
-            return [{"role": role, "content": t.render(values)} for role, t in self._parts]
+            messages: list[dict[str, Any]] = [
+                {"role": role, "content": t.render(values)} for role, t in self._parts
+            ]
+            images = tuple(i for t in self._images if (i := t.render(values).strip()))
+            file = self._file.render(values).strip() if self._file is not None else None
         except (UndefinedError, SecurityError, TypeError, ValueError) as exc:
             raise RenderFailed(f"the template failed on this row: {exc}") from None
+        if self._file is not None and not file:
+            raise RenderFailed("the `file` template rendered an empty path")
+        return Prompt(messages, images, file)
 
     def _values(self, row: Mapping[str, Any]) -> dict[str, Any]:
         values = {c: row[c] for c in self.columns}
@@ -105,13 +135,23 @@ def _check_columns(used: set[str], columns: Sequence[str]) -> None:
     )
 
 
-def estimate_tokens(messages: Sequence[Mapping[str, str]]) -> int:
+def estimate_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     """Prompt tokens as the server will count them, without a tokenizer download.
 
     About four bytes of UTF-8 per token, plus each message's framing. Deliberately
     rounded up: an estimate under the truth lets the TPM limiter overrun the server.
+    Images are counted by the endpoint, by their size.
     """
     total = 3
     for message in messages:
-        total += (len(message["content"].encode()) + 3) // 4 + 4
+        content = message["content"]
+        if isinstance(content, str):
+            total += (len(content.encode()) + 3) // 4 + 4
+        else:
+            total += 4 + sum(estimate_text_tokens(p.get("text") or "") for p in content)
     return total
+
+
+def estimate_text_tokens(text: str) -> int:
+    """Tokens of a bare text (an embedding input): about four bytes of UTF-8 each."""
+    return (len(text.encode()) + 3) // 4

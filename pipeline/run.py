@@ -27,8 +27,10 @@ import orjson
 import polars as pl
 
 from pipeline import __version__
-from pipeline.dispatch import Dispatcher, Outcome, RetryPolicy, Work
-from pipeline.endpoints import HttpRequest, Usage, auth_headers
+from pipeline.dispatch import Dispatcher, Outcome, RetryPolicy, Work, rejected
+from pipeline.endpoints import Answer, Endpoint, HttpRequest, RowProblem, Usage
+from pipeline.endpoints.base import JSON
+from pipeline.endpoints.tools import ToolRunner
 from pipeline.errors import (
     BudgetReached,
     Interrupted,
@@ -40,10 +42,10 @@ from pipeline.errors import (
 from pipeline.journal import Journal, Totals
 from pipeline.limits import Limiter
 from pipeline.output import write_bytes_atomic, write_output
-from pipeline.parse import RowResult, to_result
+from pipeline.parse import RowResult, to_results
 from pipeline.plan import BATCH_ROWS, Plan, fingerprint, limited
 from pipeline.progress import Counters, Display
-from pipeline.render import NullValue, RenderFailed, estimate_tokens
+from pipeline.render import NullValue, RenderFailed
 from pipeline.source import ROW_INDEX
 from pipeline.spec import Job, digest
 from pipeline.transport import AiohttpTransport
@@ -91,8 +93,9 @@ class Runner:
         self.plan = plan
         self.journal = journal
         job = plan.job
-        self.url = base_url + plan.endpoint.path
-        self.headers = auth_headers(plan.api_key)
+        self.url = plan.provider.url(base_url, plan.endpoint.path)
+        self.headers = plan.provider.headers(plan.api_key)
+        self._json_headers = {**self.headers, "content-type": JSON}
         self.limiter = Limiter(rpm=job.limits.rpm, tpm=job.limits.tpm)
         resumed = earlier.ok if plan.options.retry_failed else earlier.ok + earlier.failed
         self.counters = Counters(total=plan.rows, resumed=resumed)
@@ -103,6 +106,9 @@ class Runner:
         self._leaders: dict[int, list[int]] = {}
         self._recent: OrderedDict[int, RowResult] = OrderedDict()
         self.shared = 0  # rows answered by an identical request's answer
+        #: Rows of a batching endpoint waiting to fill a request.
+        self._group: list[Work] = []
+        self._group_tokens = 0
 
     async def run(self, transport: AiohttpTransport) -> Dispatcher:
         limits = self.plan.job.limits
@@ -113,6 +119,7 @@ class Runner:
             self.limiter,
             policy,
             self.plan.check,
+            tools=_ToolRounds(self, self.plan.tools) if self.plan.tools is not None else None,
             before_send=self._record_sending,
         )
         # Bounded queues: a full inbox blocks the producer (backpressure), so memory
@@ -154,25 +161,65 @@ class Runner:
                 if self.dispatcher.stopped:
                     break
                 if not self._dedupe or await self._lead(work):
-                    await inbox.put(work)
+                    await self._queue(work, inbox)
+        if self._group and not self.dispatcher.stopped:
+            await inbox.put(self._pack())
         for _ in range(workers):
             await inbox.put(None)
 
+    async def _queue(self, work: Work, inbox: asyncio.Queue[Work | None]) -> None:
+        """Send a one-row request as it is; gather rows of a batching endpoint first."""
+        endpoint = self.plan.endpoint
+        if endpoint.batch_rows == 1:
+            await inbox.put(work)
+            return
+        full = len(self._group) >= endpoint.batch_rows
+        if full or (self._group and self._group_tokens + work.tokens > endpoint.batch_tokens):
+            await inbox.put(self._pack())
+        self._group.append(work)
+        self._group_tokens += work.tokens
+
+    def _pack(self) -> Work:
+        """The waiting rows as one request."""
+        group, self._group, self._group_tokens = self._group, [], 0
+        payloads = [w.payload for w in group]
+        return Work(
+            rows=tuple(w.rows[0] for w in group),
+            request=self._request(payloads),
+            tokens=sum(w.tokens for w in group),
+            digests=tuple(w.digests[0] for w in group),
+            weights=tuple(w.weights[0] for w in group),
+            payload=payloads,
+        )
+
+    def _request(self, payloads: list[Any]) -> HttpRequest:
+        body, content_type = self.plan.endpoint.encode(payloads)
+        headers = (
+            self._json_headers
+            if content_type == JSON
+            else {**self.headers, "content-type": content_type}
+        )
+        return HttpRequest("POST", self.url, headers, body)
+
     async def _lead(self, work: Work) -> bool:
         """True if `work` must be sent; else it waits for, or takes, an identical answer."""
-        followers = self._leaders.get(work.digest)
+        digest, row = work.digests[0], work.rows[0]
+        followers = self._leaders.get(digest)
         if followers is not None:
-            followers.append(work.row)
+            followers.append(row)
             return False
-        recent = self._recent.get(work.digest)
+        recent = self._recent.get(digest)
         if recent is not None:
-            await self._outbox.put(_shared(recent, work.row))
+            await self._outbox.put(_shared(recent, row))
             return False
-        self._leaders[work.digest] = []
+        self._leaders[digest] = []
         return True
 
     def _prepare(self, batch: pl.DataFrame) -> tuple[list[Work], list[Entry]]:
-        """Render a batch's rows not yet done into requests (runs in a thread)."""
+        """Render a batch's rows not yet done into requests (runs in a thread).
+
+        Each Work is one row; a batching endpoint's rows are encoded together later.
+        """
         rows = batch.get_column(ROW_INDEX)
         done = self.journal.done_rows(
             int(rows.min()),  # type: ignore[arg-type]
@@ -181,6 +228,7 @@ class Runner:
         )
         renderer, endpoint = self.plan.renderer, self.plan.endpoint
         extra_tokens = endpoint.max_output_tokens()
+        one_row = endpoint.batch_rows == 1
         works: list[Work] = []
         ready: list[Entry] = []
         for row in batch.iter_rows(named=True):
@@ -188,18 +236,29 @@ class Runner:
             if index in done:
                 continue
             try:
-                messages = renderer.messages(row)
-            except (NullValue, RenderFailed) as exc:
-                ready.append(Outcome(index, None, RowRejected(str(exc)), attempts=0))
+                item = endpoint.item(renderer.render(row))
+            except (NullValue, RenderFailed, RowProblem) as exc:
+                ready.append(rejected(index, RowRejected(str(exc))))
                 continue
-            body = orjson.dumps(endpoint.body(messages))
-            request = HttpRequest("POST", self.url, self.headers, body)
-            tokens = estimate_tokens(messages) + extra_tokens
-            works.append(Work(index, request, tokens, _digest(body)))
+            request = self._request([item.payload]) if one_row else _UNSENT
+            works.append(
+                Work(
+                    rows=(index,),
+                    request=request,
+                    tokens=item.tokens + extra_tokens,
+                    digests=(_digest(item.key),),
+                    weights=(item.tokens,),
+                    payload=item.payload,
+                )
+            )
         if self._dedupe and works:
-            answered = self.journal.answered(w.digest for w in works)
-            ready.extend(_shared(answered[w.digest], w.row) for w in works if w.digest in answered)
-            works = [w for w in works if w.digest not in answered]
+            answered = self.journal.answered(w.digests[0] for w in works)
+            ready.extend(
+                _shared(answered[w.digests[0]], w.rows[0])
+                for w in works
+                if w.digests[0] in answered
+            )
+            works = [w for w in works if w.digests[0] not in answered]
         return works, ready
 
     async def _write(self, tg: asyncio.TaskGroup) -> None:
@@ -223,7 +282,14 @@ class Runner:
             results: list[RowResult] = []
             for entry in entries:
                 if isinstance(entry, Sending):
-                    sending.append((entry.work.row, entry.work.digest, entry.work.tokens))
+                    work = entry.work
+                    out = (work.tokens - sum(work.weights)) // len(work.rows)
+                    sending.extend(
+                        (row, digest, weight + out)
+                        for row, digest, weight in zip(
+                            work.rows, work.digests, work.weights, strict=True
+                        )
+                    )
                     waiting.append(entry.recorded)
                 elif isinstance(entry, Outcome):
                     results.extend(self._results(entry))
@@ -244,16 +310,39 @@ class Runner:
             self._count(results)
 
     def _results(self, outcome: Outcome) -> list[RowResult]:
-        """The outcome's row, and the rows that sent nothing and wait for its answer."""
-        result = to_result(outcome, self.plan.pricer)
-        if result.error is not None:
-            result.error = redact(result.error, self.plan.api_key)
-        followers = self._leaders.pop(outcome.digest or 0, [])
-        if result.status == "ok" and outcome.digest:
-            self._recent[outcome.digest] = result
-            if len(self._recent) > RECENT_ANSWERS:
-                self._recent.popitem(last=False)
-        return [result, *(_shared(result, row) for row in followers)]
+        """The outcome's rows, and the rows that sent nothing and wait for their answers."""
+        if outcome.answers is not None and any(a.data is not None for a in outcome.answers):
+            outcome.answers = self._save_files(outcome.work, outcome.answers)
+        everyone: list[RowResult] = []
+        for result in to_results(outcome, self.plan.pricer):
+            if result.error is not None:
+                result.error = redact(result.error, self.plan.api_key)
+            digest = result.request_hash or 0
+            followers = self._leaders.pop(digest, [])
+            if result.status == "ok" and digest:
+                self._recent[digest] = result
+                if len(self._recent) > RECENT_ANSWERS:
+                    self._recent.popitem(last=False)
+            everyone.append(result)
+            everyone.extend(_shared(result, row) for row in followers)
+        return everyone
+
+    def _save_files(self, work: Work, answers: list[Answer]) -> list[Answer]:
+        """Write the files answers carry (generated images) beside the output.
+
+        The answer's text becomes the file's path; the file is on disk before the
+        result that names it is committed.
+        """
+        saved = []
+        for row, answer in zip(work.rows, answers, strict=True):
+            if answer.data is None:
+                saved.append(answer)
+                continue
+            suffix = str(answer.extra.get("file_suffix") or ".bin")
+            path = self.plan.files_dir / f"{row}{suffix}"
+            write_bytes_atomic(path, answer.data)
+            saved.append(dataclasses.replace(answer, text=str(path), data=None))
+        return saved
 
     def _count(self, results: list[RowResult]) -> None:
         c = self.counters
@@ -271,6 +360,31 @@ class Runner:
             self.dispatcher.stop(
                 BudgetReached(f"spent ${c.cost_usd:.4f}, the budget is ${max_cost:.4f}")
             )
+
+
+class _ToolRounds:
+    """The tool loop: run a tool-calling answer's calls, send the results back."""
+
+    def __init__(self, runner: Runner, tools: ToolRunner) -> None:
+        self._runner = runner
+        self._tools = tools
+        self._endpoint: Endpoint = runner.plan.endpoint
+        self.max_rounds = runner.plan.job.request.max_tool_rounds
+
+    def next_work(self, work: Work, answer: Answer) -> Work:
+        """The row's next request (runs in a thread: the functions may block)."""
+        results = self._tools.call_all(list(answer.extra.get("tool_calls") or ()))
+        payload = self._endpoint.follow_up(work.payload, answer, results)
+        request = self._runner._request([payload])
+        prompt = len(request.body) // 4
+        out = self._endpoint.max_output_tokens()
+        return dataclasses.replace(
+            work, request=request, tokens=prompt + out, weights=(prompt,), payload=payload
+        )
+
+
+#: Stands for the request of a row that a batching endpoint has yet to pack.
+_UNSENT = HttpRequest("POST", "", {}, b"")
 
 
 def _digest(body: bytes) -> int:
@@ -428,7 +542,7 @@ def _finish(plan: Plan, journal: Journal, runner: Runner, started: float) -> dic
         plan.output,
         limited(plan.source.batches(BATCH_ROWS), plan.options.limit),
         journal,
-        fields=plan.fields,
+        shape=plan.shape,
         prefix=job.output.prefix,
         metadata={f"pipeline.{k}": str(v) for k, v in provenance.items()},
     )

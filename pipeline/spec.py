@@ -32,6 +32,31 @@ DEFAULT_TIMEOUT_S = 120.0
 #: Reaching the server should be quick; a dead host must not hold a worker for minutes.
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 OPENAI_BASE_URL = "https://api.openai.com/v1"
+ANTHROPIC_BASE_URL = "https://api.anthropic.com/v1"
+#: Azure OpenAI's current GA data-plane version.
+AZURE_API_VERSION = "2024-10-21"
+ANTHROPIC_VERSION = "2023-06-01"
+
+Provider = Literal["openai", "azure", "anthropic"]
+EndpointKind = Literal[
+    "chat.completions",
+    "responses",
+    "embeddings",
+    "images.generations",
+    "audio.transcriptions",
+    "messages",
+]
+#: Where each provider's key and base URL come from when the job does not say.
+KEY_ENV: dict[str, str] = {
+    "openai": "OPENAI_API_KEY",
+    "azure": "AZURE_OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+}
+BASE_URL_ENV: dict[str, str] = {
+    "openai": "OPENAI_BASE_URL",
+    "azure": "AZURE_OPENAI_ENDPOINT",
+    "anthropic": "ANTHROPIC_BASE_URL",
+}
 
 
 class _Strict(BaseModel):
@@ -66,13 +91,33 @@ class JsonSchemaSpec(_Strict):
         return self
 
 
+class ToolSpec(_Strict):
+    """A function the model may call (chat completions, Responses, Anthropic)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = ""
+    #: The arguments' JSON schema.
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
 class RequestSpec(_Strict):
-    endpoint: Literal["chat.completions"] = "chat.completions"
+    #: Who serves the request: OpenAI or any OpenAI-compatible server, Azure OpenAI,
+    #: or Anthropic.
+    provider: Provider = "openai"
+    #: Default: "messages" for Anthropic, else "chat.completions".
+    endpoint: EndpointKind | None = None
     model: str
-    #: Default: $OPENAI_BASE_URL, then https://api.openai.com/v1.
+    #: Default: the provider's environment variable ($OPENAI_BASE_URL,
+    #: $AZURE_OPENAI_ENDPOINT, $ANTHROPIC_BASE_URL), then the provider's public URL.
     base_url: str | None = None
-    #: The environment variable that holds the API key.
-    api_key_env: str = "OPENAI_API_KEY"
+    #: The environment variable that holds the API key. Default: OPENAI_API_KEY,
+    #: AZURE_OPENAI_API_KEY or ANTHROPIC_API_KEY, by provider.
+    api_key_env: str | None = None
+    #: Azure's `api-version` query parameter, or Anthropic's `anthropic-version` header.
+    api_version: str | None = None
+    #: Azure: the deployment name, when it differs from the model's.
+    deployment: str | None = None
     max_tokens: int | None = Field(default=None, gt=0)
     #: How max_tokens is spelled on the wire. OpenAI wants `max_completion_tokens`; many
     #: OpenAI-compatible servers only know `max_tokens`. Default: chosen by base URL.
@@ -83,6 +128,25 @@ class RequestSpec(_Strict):
     seed: int | None = None
     response_format: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JsonSchemaSpec | None = None
+    #: Functions the model may call; their calls come back in the `tool_calls` column.
+    tools: tuple[ToolSpec, ...] = ()
+    #: "auto", "none", "required", or a tool's name to force that one.
+    tool_choice: str | None = None
+    #: Run the calls with the functions of the same name in `tools_module` and send
+    #: their results back, up to max_tool_rounds times, until the model answers.
+    run_tools: bool = False
+    #: Default: the job file's name with .py (jobs/x.toml -> jobs/x.py).
+    tools_module: Path | None = None
+    max_tool_rounds: int = Field(default=4, ge=1, le=50)
+    #: Embeddings: the vector's length, for models that can shorten it.
+    dimensions: int | None = Field(default=None, gt=0)
+    #: Embeddings: rows sent in one request (the API takes up to 2048).
+    batch_rows: int = Field(default=256, ge=1, le=2048)
+    #: Images: e.g. "1024x1024"; quality e.g. "low", "standard", "hd".
+    size: str | None = None
+    quality: str | None = None
+    #: Audio transcription: the spoken language (ISO-639-1), when known.
+    language: str | None = None
     #: Sent as they are, merged into the request body (e.g. `{ logprobs = true }`).
     extra_body: dict[str, Any] = Field(default_factory=dict)
     #: Send identical requests once per run and share the answer. Turn off when
@@ -90,6 +154,26 @@ class RequestSpec(_Strict):
     dedupe: bool = True
     timeout_s: float = Field(default=DEFAULT_TIMEOUT_S, gt=0)
     connect_timeout_s: float = Field(default=DEFAULT_CONNECT_TIMEOUT_S, gt=0)
+
+    @property
+    def kind(self) -> EndpointKind:
+        if self.endpoint is not None:
+            return self.endpoint
+        return "messages" if self.provider == "anthropic" else "chat.completions"
+
+    @property
+    def key_env(self) -> str:
+        return self.api_key_env or KEY_ENV[self.provider]
+
+    @model_validator(mode="after")
+    def _provider_serves_endpoint(self) -> RequestSpec:
+        if self.provider == "anthropic" and self.kind != "messages":
+            raise ValueError(f'provider "anthropic" serves endpoint "messages", not "{self.kind}"')
+        if self.kind == "messages" and self.provider != "anthropic":
+            raise ValueError('endpoint "messages" is Anthropic\'s: set provider = "anthropic"')
+        if self.run_tools and not self.tools:
+            raise ValueError("run_tools = true needs the tools listed in `tools`")
+        return self
 
     @model_validator(mode="after")
     def _schema_matches_format(self) -> RequestSpec:
@@ -112,9 +196,17 @@ class MessageSpec(_Strict):
 
 class TemplateSpec(_Strict):
     system: str | None = None
+    #: The user message; for embeddings the text to embed, for images the prompt.
     user: str | None = None
     #: A full messages list instead of system + user.
     messages: tuple[MessageSpec, ...] | None = None
+    #: Images sent with the (last) user message, e.g. ["{{ photo }}"]: each renders to
+    #: an http(s) URL, a data: URL or a local file path (relative to the input file).
+    #: An empty value (a null column) sends no image.
+    images: tuple[str, ...] = ()
+    image_detail: Literal["auto", "low", "high"] = "auto"
+    #: Audio transcription: the local file to upload, e.g. "{{ path }}".
+    file: str | None = None
     #: "empty": a null value renders as "". "fail": the row fails, naming the column.
     nulls: Literal["empty", "fail"] = "empty"
 
@@ -122,7 +214,7 @@ class TemplateSpec(_Strict):
     def _user_or_messages(self) -> TemplateSpec:
         if self.messages is not None and (self.system or self.user):
             raise ValueError("give either `messages` or `system`/`user`, not both")
-        if self.messages is None and not self.user:
+        if self.messages is None and not self.user and self.file is None:
             raise ValueError("the template needs `user` (and optionally `system`) or `messages`")
         return self
 
@@ -190,14 +282,18 @@ class Job(_Strict):
         parts: dict[str, Any] = {
             "template": self.template.model_dump(mode="json"),
             "model": req.model,
-            "endpoint": req.endpoint,
+            "endpoint": f"{req.provider}:{req.kind}",
             "parameters": req.model_dump(
                 mode="json",
                 exclude={
                     "model",
+                    "provider",
                     "endpoint",
                     "base_url",
                     "api_key_env",
+                    "api_version",
+                    "deployment",
+                    "tools_module",
                     "json_schema",
                     "dedupe",
                     "timeout_s",
@@ -255,10 +351,15 @@ def _resolve_paths(job: Job) -> Job:
     }
     if job.output.path is not None:
         updates["output"] = job.output.model_copy(update={"path": absolute(job.output.path)})
+    request: dict[str, Any] = {}
     schema = job.request.json_schema
     if schema is not None and schema.file is not None:
-        schema = schema.model_copy(update={"file": absolute(schema.file)})
-        updates["request"] = job.request.model_copy(update={"json_schema": schema})
+        request["json_schema"] = schema.model_copy(update={"file": absolute(schema.file)})
+    if job.request.run_tools:
+        module = job.request.tools_module or Path(f"{job.name}.py")
+        request["tools_module"] = absolute(module)
+    if request:
+        updates["request"] = job.request.model_copy(update=request)
     return job.model_copy(update=updates)
 
 

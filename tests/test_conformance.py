@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from pipeline.endpoints import make_endpoint
-from pipeline.spec import RequestSpec
+from pipeline.endpoints import Endpoint, Prompt, make_endpoint
+from pipeline.spec import RequestSpec, TemplateSpec
 
 SPEC = (
     Path(__file__).resolve().parents[2] / "shared" / "reference" / "openai-openapi" / "openapi.yaml"
@@ -51,6 +52,12 @@ MESSAGES = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Summarise: ünïcödé text"},
 ]
+
+
+def body_of(endpoint: Endpoint, prompt: Prompt | None = None) -> Any:
+    """The JSON body the endpoint sends for one row."""
+    body, _ = endpoint.encode([endpoint.item(prompt or Prompt(MESSAGES)).payload])
+    return orjson.loads(body)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +107,7 @@ def test_chat_completion_bodies_match_the_openapi_description(
 ) -> None:
     spec = RequestSpec.model_validate(request_spec)
     schema = SCHEMA if spec.response_format == "json_schema" else None
-    body = make_endpoint(spec, base_url, schema).body(MESSAGES)
+    body = body_of(make_endpoint(spec, TemplateSpec(user="x"), base_url, schema, Path(".")))
 
     errors = list(validator(openapi, "CreateChatCompletionRequest").iter_errors(body))
 

@@ -33,7 +33,7 @@ def test_minimal_job_gets_defaults_and_paths_relative_to_the_file(tmp_path: Path
     assert job.name == "job"
     assert job.input.path == tmp_path / "in.csv"
     assert job.limits.concurrency == 16
-    assert job.request.endpoint == "chat.completions"
+    assert job.request.kind == "chat.completions"
     assert job.template.parts() == [("user", "{{ text }}")]
 
 

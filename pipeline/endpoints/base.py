@@ -1,16 +1,29 @@
-"""What every endpoint adapter provides: a request from a rendered row, an answer back.
+"""What every endpoint adapter provides: a request from rendered rows, answers back.
 
 An adapter knows one API shape (chat completions, embeddings, Anthropic messages...):
-its URL, headers and body, and how to read the answer, usage and errors it returns.
-It knows nothing about sockets, retries or rate limits.
+the body of a request and how to read the answers, usage and errors it returns. A
+`Provider` knows where requests go and how they authenticate. Neither knows anything
+about sockets, retries or rate limits.
+
+    item = endpoint.item(prompt)                   # per row, in the producer's thread
+    body, content_type = endpoint.encode([item.payload, ...])   # up to batch_rows rows
+    endpoint.answers(json_body, headers, weights)  # one Answer per row of the request
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import orjson
+
+from pipeline.render import Prompt as Prompt
+from pipeline.render import estimate_tokens
+
+JSON = "application/json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +50,13 @@ class Usage:
     cached_tokens: int = 0
     #: Part of completion_tokens spent on hidden reasoning.
     reasoning_tokens: int = 0
+    #: Part of prompt_tokens written to Anthropic's prompt cache (dearer).
+    cache_write_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """What one successful response carries, before job-specific parsing."""
+    """What one row's successful answer carries, before job-specific parsing."""
 
     text: str | None
     finish_reason: str | None
@@ -50,6 +65,8 @@ class Answer:
     model: str | None
     #: Endpoint-specific extras (tool calls, refusals), JSON-serialisable.
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: Files the answer carries (a generated image): written beside the output.
+    data: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,21 +78,71 @@ class ApiError:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One row's part of a request."""
+
+    #: What `encode` takes: a whole body for one-row endpoints (already encoded, as
+    #: bytes, when that is what the key is), one input for batching ones.
+    payload: Any
+    #: Estimated prompt tokens, as the server counts them for its TPM limit.
+    tokens: int
+    #: Identical keys mean identical requests: their answer is shared (dedupe).
+    key: bytes
+
+
+class RowProblem(ValueError):
+    """This row cannot become a request (a missing image file, say): the row fails."""
+
+
 class Endpoint(ABC):
     #: The path under the base URL, e.g. "/chat/completions".
     path: str
+    #: The job's `endpoint` value this adapter serves.
+    kind: str = ""
+    #: Rows one request may carry (embeddings: many), and their token budget.
+    batch_rows: int = 1
+    batch_tokens: int = 0
+    #: The output column the answer goes to: "response" (text), "embedding", "image_path".
+    answer_column: str = "response"
+
+    #: Relative file references (images, audio) resolve against this folder.
+    base_dir: Path = Path(".")
+
+    def item(self, prompt: Prompt) -> Item:
+        """The row's part of a request. Raise RowProblem if the row cannot be sent."""
+        body = self.body(prompt)
+        encoded = orjson.dumps(body)
+        return Item(body, self.prompt_tokens(prompt), encoded)
+
+    def body(self, prompt: Prompt) -> dict[str, Any]:
+        """The JSON body of a one-row request."""
+        raise NotImplementedError(f"{type(self).__name__} builds its items itself")
+
+    def prompt_tokens(self, prompt: Prompt) -> int:
+        return estimate_tokens(prompt.messages)
+
+    def encode(self, payloads: Sequence[Any]) -> tuple[bytes, str]:
+        """The request body for these rows' payloads, and its content type."""
+        (payload,) = payloads
+        return (payload if isinstance(payload, bytes) else orjson.dumps(payload)), JSON
 
     @abstractmethod
-    def body(self, messages: list[dict[str, str]]) -> dict[str, Any]:
-        """The JSON body for one row's rendered messages."""
+    def answers(
+        self, data: Any, headers: Mapping[str, str], weights: Sequence[int]
+    ) -> list[Answer]:
+        """Read a 2xx response: one Answer per row. Raise ValueError on a wrong shape.
 
-    @abstractmethod
-    def answer(self, data: Mapping[str, Any], headers: Mapping[str, str]) -> Answer:
-        """Read a 2xx response body. Raise ValueError if it is not the expected shape."""
+        `weights` are the rows' token estimates, by which a batch's usage is shared.
+        """
 
     def max_output_tokens(self) -> int:
         """The most completion tokens a request may use; rate limiters reserve this."""
         return 0
+
+    def follow_up(self, payload: Any, answer: Answer, results: list[dict[str, Any]]) -> Any:
+        """The next payload of a tool loop: the answer's tool calls and their results."""
+        raise NotImplementedError(f"{type(self).__name__} has no tool loop")
 
     @staticmethod
     def error(data: Any) -> ApiError:
@@ -90,3 +157,36 @@ class Endpoint(ABC):
             code=str(code) if code is not None else None,
             message=str(inner.get("message") or ""),
         )
+
+
+def split_usage(usage: Usage, weights: Sequence[int]) -> list[Usage]:
+    """A batch request's usage shared among its rows, in proportion to `weights`.
+
+    The shares add up to the whole exactly, so per-row costs add up to the bill.
+    """
+    total = sum(weights) or len(weights)
+    shares: list[Usage] = []
+    given = Usage()
+    for index, weight in enumerate(weights):
+        if index == len(weights) - 1:
+            shares.append(
+                Usage(
+                    usage.prompt_tokens - given.prompt_tokens,
+                    usage.completion_tokens - given.completion_tokens,
+                    usage.cached_tokens - given.cached_tokens,
+                )
+            )
+            break
+        share = (weight or 1) / total
+        part = Usage(
+            int(usage.prompt_tokens * share),
+            int(usage.completion_tokens * share),
+            int(usage.cached_tokens * share),
+        )
+        given = Usage(
+            given.prompt_tokens + part.prompt_tokens,
+            given.completion_tokens + part.completion_tokens,
+            given.cached_tokens + part.cached_tokens,
+        )
+        shares.append(part)
+    return shares

@@ -1,15 +1,22 @@
 """Chat completions: POST {base_url}/chat/completions.
 
 Request and response shapes follow CreateChatCompletionRequest / Response in the
-OpenAI OpenAPI description.
+OpenAI OpenAPI description. Images go with the last user message as `image_url`
+parts; tools as `function` tools, their calls read back into the common shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from pipeline.endpoints.base import Answer, Endpoint, Usage
+import orjson
+
+from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, Usage
+from pipeline.endpoints.tools import chat_tool_choice, chat_tools
+from pipeline.media import image_tokens, load_image
+from pipeline.render import estimate_tokens
 from pipeline.spec import RequestSpec
 
 #: What a server lets a completion run to when max_tokens is not set; the TPM limiter
@@ -19,26 +26,58 @@ DEFAULT_MAX_OUTPUT_TOKENS = 1024
 
 class ChatCompletions(Endpoint):
     path = "/chat/completions"
+    kind = "chat.completions"
 
-    def __init__(self, spec: RequestSpec, schema: dict[str, Any] | None, max_tokens_param: str):
+    def __init__(
+        self,
+        spec: RequestSpec,
+        schema: dict[str, Any] | None,
+        max_tokens_param: str,
+        *,
+        base_dir: Path = Path("."),
+        image_detail: str = "auto",
+    ):
         self._spec = spec
         self._static = _static_fields(spec, schema, max_tokens_param)
+        self.base_dir = base_dir
+        self._detail = image_detail
 
-    def body(self, messages: list[dict[str, str]]) -> dict[str, Any]:
-        return {"model": self._spec.model, "messages": messages, **self._static}
+    def item(self, prompt: Prompt) -> Item:
+        messages: list[dict[str, Any]] = prompt.messages
+        tokens = estimate_tokens(prompt.messages)
+        if prompt.images:
+            parts: list[dict[str, Any]] = []
+            for reference in prompt.images:
+                image = load_image(reference, self.base_dir)
+                parts.append(
+                    {"type": "image_url", "image_url": {"url": image.url, "detail": self._detail}}
+                )
+                tokens += image_tokens(image.size, self._detail, self._spec.model)
+            messages = _with_images(messages, parts)
+        body = orjson.dumps({"model": self._spec.model, "messages": messages, **self._static})
+        return Item(body, tokens, body)
 
     def max_output_tokens(self) -> int:
         return self._spec.max_tokens or DEFAULT_MAX_OUTPUT_TOKENS
 
-    def answer(self, data: Mapping[str, Any], headers: Mapping[str, str]) -> Answer:
+    def answers(
+        self, data: Any, headers: Mapping[str, str], weights: Sequence[int]
+    ) -> list[Answer]:
         choice = data["choices"][0]
         message = choice["message"]
         extra: dict[str, Any] = {}
         if message.get("tool_calls"):
-            extra["tool_calls"] = message["tool_calls"]
+            extra["tool_calls"] = [
+                {
+                    "id": call.get("id"),
+                    "name": call["function"]["name"],
+                    "arguments": call["function"].get("arguments") or "{}",
+                }
+                for call in message["tool_calls"]
+            ]
         if message.get("refusal"):
             extra["refusal"] = message["refusal"]
-        return Answer(
+        answer = Answer(
             text=message.get("content"),
             finish_reason=choice.get("finish_reason"),
             usage=_usage(data.get("usage") or {}),
@@ -46,6 +85,36 @@ class ChatCompletions(Endpoint):
             model=data.get("model"),
             extra=extra,
         )
+        return [answer]
+
+    def follow_up(self, payload: Any, answer: Answer, results: list[dict[str, Any]]) -> Any:
+        body = orjson.loads(payload) if isinstance(payload, bytes) else dict(payload)
+        calls = [
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["name"], "arguments": call["arguments"]},
+            }
+            for call in answer.extra.get("tool_calls", ())
+        ]
+        body["messages"] = [
+            *body["messages"],
+            {"role": "assistant", "content": answer.text, "tool_calls": calls},
+            *({"role": "tool", "tool_call_id": r["id"], "content": r["content"]} for r in results),
+        ]
+        return body
+
+
+def _with_images(
+    messages: list[dict[str, Any]], parts: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The messages with the images added to the last user message, as content parts."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last is None:
+        return [*messages, {"role": "user", "content": parts}]
+    text = messages[last]["content"]
+    content = [{"type": "text", "text": text}, *parts] if text else parts
+    return [*messages[:last], {**messages[last], "content": content}, *messages[last + 1 :]]
 
 
 def _static_fields(
@@ -70,6 +139,10 @@ def _static_fields(
                 "strict": spec.json_schema.strict,
             },
         }
+    if spec.tools:
+        fields["tools"] = chat_tools(spec.tools)
+    if spec.tool_choice is not None:
+        fields["tool_choice"] = chat_tool_choice(spec.tool_choice)
     return {**fields, **spec.extra_body}
 
 
