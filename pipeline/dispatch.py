@@ -140,7 +140,7 @@ class Dispatcher:
         endpoint: Endpoint,
         limiter: Limiter,
         policy: RetryPolicy,
-        check: Callable[[Answer], None],
+        check: Callable[[Answer], Answer],
         *,
         tools: ToolLoop | None = None,
         before_send: Callable[[Work], Awaitable[None]] | None = None,
@@ -187,7 +187,8 @@ class Dispatcher:
             await self._before_send(work)
         spent = Usage()  # by earlier rounds of a tool loop
         while True:
-            await self._limiter.acquire(work.tokens)
+            charged = self._limiter.charge(work.tokens, sum(work.weights))
+            await self._limiter.acquire(charged)
             if self.stopped:
                 return None
             sends += 1
@@ -197,8 +198,10 @@ class Dispatcher:
                 self._same_error = ("", 0)
                 self._limiter.recovered()
                 answers = outcome.answers or []
-                actual = sum(a.usage.prompt_tokens + a.usage.completion_tokens for a in answers)
-                await self._limiter.settle(work.tokens, actual)
+                prompt = sum(a.usage.prompt_tokens for a in answers)
+                self._limiter.calibrate(sum(work.weights), prompt)
+                actual = prompt + sum(a.usage.completion_tokens for a in answers)
+                await self._limiter.settle(charged, actual)
                 if self._tools is None:
                     return outcome
                 answer = _with_usage(answers[0], spent)
@@ -257,21 +260,26 @@ class Dispatcher:
             raise ReadFailed(
                 f"HTTP {response.status} with a body that does not parse: {exc}"
             ) from None
+        checked = []
         for answer in answers:
             try:
-                self._check(answer)
+                checked.append(self._check(answer))
             except ResponseInvalid as exc:
                 exc.answer = answer
                 raise
-        return answers
+        return checked
 
     def _watch_repeats(self, failure: RequestFailure) -> None:
         """Halt when rows keep failing for good in the same way: it is the job.
 
         Counts every row's final failure, retried or not: a server that answers a
         request it cannot take with the same 500 on every row (llama.cpp does, for a
-        response_format it lacks) is as much a job problem as a repeated 400.
+        response_format it lacks) is as much a job problem as a repeated 400. A
+        failure about a row's own content (a content filter's refusal) says nothing
+        about the job: it neither counts nor breaks a run of others.
         """
+        if not failure.job_signal:
+            return
         if failure.status is None:
             self._same_error = ("", 0)
             return

@@ -24,8 +24,10 @@ never a match on a message:
     │   └── RateLimited               429 rate_limit_exceeded: pause every worker
     ├── RowFailed                 this row fails, no retry (400, 413, 422, too large)
     │   ├── RowRejected               never sent: a null the job forbids, a template error
+    │   ├── PromptFiltered            the provider's content filter refused the prompt
     │   └── ResponseInvalid           answered, but not JSON / not matching the schema
-    └── Fatal                     halt the run at the first one (401, 403, 404, quota)
+    │       └── AnswerFiltered            the content filter withheld the answer
+    └── Fatal                     halt the run at the first one (401, 402, 403, 404, quota)
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class RequestFailure(Exception):
     retryable = False
     #: The request may have reached the model and been billed.
     maybe_billed = True
+    #: Many rows failing the same way says the job is wrong (the request's shape), not
+    #: the rows. False for failures about a row's own content, however many there are.
+    job_signal = True
 
     def __init__(
         self,
@@ -137,6 +142,13 @@ class RowRejected(RowFailed):
     kind = "invalid_row"
 
 
+class PromptFiltered(RowFailed):
+    """The provider's content filter refused this row's prompt (Azure: 400 content_filter)."""
+
+    kind = "content_filter"
+    job_signal = False
+
+
 class ResponseInvalid(RowFailed):
     """The answer arrived but does not satisfy the job (JSON schema, empty content)."""
 
@@ -144,6 +156,13 @@ class ResponseInvalid(RowFailed):
     maybe_billed = True
     #: The answer that failed, kept so its text, usage and cost are recorded.
     answer: object = None
+
+
+class AnswerFiltered(ResponseInvalid):
+    """The provider's content filter withheld the answer (finish_reason content_filter)."""
+
+    kind = "content_filter"
+    job_signal = False
 
 
 class Fatal(RequestFailure):

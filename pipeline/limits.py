@@ -14,6 +14,12 @@ measuring in short windows would reject.
 The server has the last word: its `x-ratelimit-limit-*` headers lower limits set too
 high in the job (and set them when the job gives none), and when its
 `x-ratelimit-remaining-*` say a bucket is empty, every worker waits for the refill.
+
+Anthropic says the same with `anthropic-ratelimit-{requests,tokens,input-tokens,
+output-tokens}-{limit,remaining,reset}`, its resets being RFC 3339 times. It counts
+input and output tokens in separate buckets, while a request here costs both in one:
+the token limit followed is the most restrictive of them (what its `tokens-limit`
+says), which never overruns either, at the price of pacing below the roomier one.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import email.utils
 import re
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 
 from aiolimiter import AsyncLimiter
 
@@ -38,6 +45,12 @@ MIN_SCALE = 1 / 16
 #: ...and grows back by this share of the full rate per RECOVERY_S without another.
 RECOVERY_STEP = 0.1
 RECOVERY_S = 2.0
+#: Prompt estimates are scaled by how the server counted recent prompts (its usage
+#: against our estimate): each answer's weight decays by this per later answer...
+CALIBRATION_DECAY = 0.99
+#: ...once this many answers have been seen, within these bounds.
+CALIBRATION_MIN_ANSWERS = 20
+CALIBRATION_BOUNDS = (0.5, 2.0)
 
 
 class Limiter:
@@ -47,8 +60,11 @@ class Limiter:
         rpm: int | None,
         tpm: int | None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
+        #: Wall-clock time, for resets given as timestamps (Anthropic's).
+        self._wall = wall
         self._resume_at = 0.0
         #: The limits in force: the job's, lowered or learned from the server's headers.
         self.rpm, self.tpm = rpm, tpm
@@ -61,6 +77,10 @@ class Limiter:
         #: The largest request so far: the token bucket holds at least one such, so a
         #: request waits once for its tokens, not once per bucketful.
         self._largest = 0
+        #: Server-counted prompt tokens per estimated one, learned from usage.
+        self.prompt_ratio = 1.0
+        self._estimated = self._counted = 0.0
+        self._answers = 0
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -77,6 +97,26 @@ class Limiter:
     @property
     def paused_for(self) -> float:
         return max(0.0, self._resume_at - self._clock())
+
+    def charge(self, tokens: int, prompt: int) -> int:
+        """What a request of `tokens` (of which `prompt` are its estimated prompt) will
+        count against the server's TPM: the prompt as calibrated, the rest as it is."""
+        if self.prompt_ratio == 1.0 or prompt <= 0:
+            return tokens
+        return tokens - prompt + int(prompt * self.prompt_ratio + 0.999)
+
+    def calibrate(self, estimated: int, counted: int) -> None:
+        """Learn from an answer's usage how the server counts prompts against our
+        estimate, so that TPM is used to the full and not overrun. Recent answers
+        weigh most; a handful of odd ones cannot swing it far."""
+        if estimated <= 0 or counted <= 0:
+            return
+        self._estimated = self._estimated * CALIBRATION_DECAY + estimated
+        self._counted = self._counted * CALIBRATION_DECAY + counted
+        self._answers += 1
+        if self._answers >= CALIBRATION_MIN_ANSWERS:
+            low, high = CALIBRATION_BOUNDS
+            self.prompt_ratio = min(high, max(low, self._counted / self._estimated))
 
     async def acquire(self, tokens: int) -> None:
         # Not a poll: each sleep lasts exactly until the pause ends; the loop only
@@ -120,27 +160,61 @@ class Limiter:
         """Follow the server's x-ratelimit-* headers after a response."""
         limit_requests = _count(headers.get("x-ratelimit-limit-requests"))
         if limit_requests is None:
+            if _ANTHROPIC_REQUESTS_LIMIT in headers:
+                self._observe_anthropic(headers, tokens)
             return  # a server that says nothing about its limits (most self-hosted ones)
         limit_tokens = _count(headers.get("x-ratelimit-limit-tokens"))
-        lowered = False
-        if self.rpm is None or limit_requests < self.rpm:
-            self.rpm, lowered = limit_requests, True
-        if limit_tokens is not None and (self.tpm is None or limit_tokens < self.tpm):
-            self.tpm, lowered = limit_tokens, True
-        if lowered:
-            self._rebuild()
+        self._lower(limit_requests, limit_tokens)
         self._wait_if_empty(headers, "requests", 1, limit_requests)
         if limit_tokens:
             self._wait_if_empty(headers, "tokens", tokens, limit_tokens)
+
+    def _lower(self, limit_requests: int | None, limit_tokens: int | None) -> None:
+        """Take the server's limits where the job's are higher or unset."""
+        lowered = False
+        if limit_requests and (self.rpm is None or limit_requests < self.rpm):
+            self.rpm, lowered = limit_requests, True
+        if limit_tokens and (self.tpm is None or limit_tokens < self.tpm):
+            self.tpm, lowered = limit_tokens, True
+        if lowered:
+            self._rebuild()
 
     def _wait_if_empty(self, headers: Mapping[str, str], kind: str, need: int, limit: int) -> None:
         """The server's bucket has less than a request needs: wait for its refill."""
         remaining = _count(headers.get(f"x-ratelimit-remaining-{kind}"))
         if remaining is None or remaining >= need:
             return
-        refill = (need - remaining) * 60.0 / limit
         reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}") or "")
+        self._wait_for_refill(need - remaining, limit, reset)
+
+    def _wait_for_refill(self, missing: int, limit: int, reset: float | None) -> None:
+        """Pause until `missing` have refilled at limit/minute, or the bucket's reset."""
+        refill = missing * 60.0 / limit
         self.pause(min(refill, reset) if reset is not None else refill)
+
+    def _observe_anthropic(self, headers: Mapping[str, str], tokens: int) -> None:
+        """Follow Anthropic's anthropic-ratelimit-* headers (see the module's docstring)."""
+        limit_requests = _count(headers.get(_ANTHROPIC_REQUESTS_LIMIT))
+        token_limits = [
+            (kind, limit)
+            for kind in _ANTHROPIC_TOKEN_KINDS
+            if (limit := _count(headers.get(f"anthropic-ratelimit-{kind}-limit")))
+        ]
+        self._lower(limit_requests, min((limit for _, limit in token_limits), default=None))
+        if limit_requests:
+            self._wait_for_anthropic(headers, "requests", 1, limit_requests)
+        for kind, limit in token_limits:
+            self._wait_for_anthropic(headers, kind, tokens, limit)
+
+    def _wait_for_anthropic(
+        self, headers: Mapping[str, str], kind: str, need: int, limit: int
+    ) -> None:
+        remaining = _count(headers.get(f"anthropic-ratelimit-{kind}-remaining"))
+        if remaining is None or remaining >= need:
+            return
+        when = parse_timestamp(headers.get(f"anthropic-ratelimit-{kind}-reset") or "")
+        reset = None if when is None else max(0.0, when - self._wall())
+        self._wait_for_refill(need - remaining, limit, reset)
 
     def slow_down(self) -> None:
         """The server is overloaded: halve the rate (gradually restored by `recovered`)."""
@@ -185,6 +259,26 @@ def _count(value: str | None) -> int | None:
     except ValueError:
         return None
     return number if number >= 0 else None
+
+
+_ANTHROPIC_REQUESTS_LIMIT = "anthropic-ratelimit-requests-limit"
+#: Anthropic's token buckets: `tokens` is the most restrictive of the other two.
+_ANTHROPIC_TOKEN_KINDS = ("tokens", "input-tokens", "output-tokens")
+
+
+def parse_timestamp(text: str) -> float | None:
+    """Seconds since the epoch of an RFC 3339 time, as Anthropic's resets give it.
+
+    >>> parse_timestamp("2026-11-25T02:10:51Z")
+    1795572651.0
+    """
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")

@@ -19,8 +19,6 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.endpoints.base import RowProblem
-
 #: Servers take images up to this size (OpenAI: 50 MB per request, 20 MB per image).
 MAX_IMAGE_BYTES = 20 * 2**20
 #: The size assumed for a remote image, whose size is unknown without fetching it:
@@ -54,12 +52,20 @@ def load_image(reference: str, base_dir: Path) -> ImageRef:
     try:
         raw = path.read_bytes() if path.stat().st_size <= MAX_IMAGE_BYTES else None
     except OSError as exc:
-        raise RowProblem(f"cannot read the image {path}: {exc.strerror or exc}") from None
+        raise _problem(f"cannot read the image {path}: {exc.strerror or exc}") from None
     if raw is None:
-        raise RowProblem(f"the image {path} is over {MAX_IMAGE_BYTES // 2**20} MB")
+        raise _problem(f"the image {path} is over {MAX_IMAGE_BYTES // 2**20} MB")
     size, media_type = _inspect(raw, path)
     data = base64.b64encode(raw).decode()
     return ImageRef(f"data:{media_type};base64,{data}", media_type, size, data)
+
+
+def _problem(message: str) -> ValueError:
+    """The RowProblem to raise: imported here, since pipeline.endpoints imports this
+    module and a top-level import would make `import pipeline.media` circular."""
+    from pipeline.endpoints.base import RowProblem
+
+    return RowProblem(message)
 
 
 def _inspect(raw: bytes, path: Path) -> tuple[tuple[int, int], str]:
@@ -69,10 +75,10 @@ def _inspect(raw: bytes, path: Path) -> tuple[tuple[int, int], str]:
         with Image.open(io.BytesIO(raw)) as image:
             size, kind = image.size, image.format
     except (UnidentifiedImageError, OSError) as exc:
-        raise RowProblem(f"{path} is not an image Pillow can read: {exc}") from None
+        raise _problem(f"{path} is not an image Pillow can read: {exc}") from None
     media_type = Image.MIME.get(kind or "", None)
     if media_type not in ("image/png", "image/jpeg", "image/gif", "image/webp"):
-        raise RowProblem(f"{path} is {kind}; send PNG, JPEG, GIF or WebP")
+        raise _problem(f"{path} is {kind}; send PNG, JPEG, GIF or WebP")
     return size, media_type
 
 
@@ -127,12 +133,16 @@ def image_tokens(size: tuple[int, int] | None, detail: str, model: str) -> int:
 
 
 def _patches(width: int, height: int) -> int:
+    """32 px patches covering the image, shrunk to fit 1536 of them as the guide does:
+    by sqrt(1536 * 32^2 / area), then a little more so the width is whole patches
+    (1800 x 2400 -> 1056 x 1408: 33 x 44 = 1452)."""
     patches = math.ceil(width / 32) * math.ceil(height / 32)
     if patches <= 1536:
         return patches
     shrink = math.sqrt(1536 * 32 * 32 / (width * height))
     width_p = math.floor(width * shrink / 32) or 1
-    return min(1536, width_p * math.ceil(height * shrink / 32))
+    # The height follows the width's aspect ratio; the epsilon absorbs float error.
+    return min(1536, width_p * math.ceil(width_p * height / width - 1e-9))
 
 
 def anthropic_image_tokens(size: tuple[int, int] | None) -> int:

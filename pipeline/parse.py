@@ -10,6 +10,8 @@ a failed row (keeping the raw text), not a surprise when the output is written.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +20,7 @@ import polars as pl
 from jsonschema import Draft202012Validator
 
 from pipeline.endpoints import Answer
-from pipeline.errors import ResponseInvalid
+from pipeline.errors import AnswerFiltered, ResponseInvalid
 
 if TYPE_CHECKING:
     from pipeline.cost import Pricer
@@ -145,31 +147,56 @@ class AnswerCheck:
         self._validator = Draft202012Validator(schema) if schema is not None else None
         self._json = json_object or schema is not None
 
-    def __call__(self, answer: Answer) -> None:
+    def __call__(self, answer: Answer) -> Answer:
+        """The answer, its JSON normalised if need be; raise ResponseInvalid if it fails."""
+        if answer.data is not None:
+            return answer  # a file (a generated image): its path becomes the text once written
         if answer.text is None:
             refusal = answer.extra.get("refusal")
             if refusal:
                 raise ResponseInvalid(f"the model refused: {refusal}")
+            if answer.finish_reason == "content_filter":
+                raise AnswerFiltered(
+                    "the provider's content filter withheld the answer (finish_reason "
+                    "content_filter); only this row fails. Change its text to send it"
+                )
             if not answer.extra.get("tool_calls"):
                 raise ResponseInvalid("the answer has no content")
-            return
+            return answer
         if not self._json:
-            return
-        try:
-            value = orjson.loads(answer.text)
-        except orjson.JSONDecodeError as exc:
-            cut = " (cut off by max_tokens)" if answer.finish_reason == "length" else ""
-            raise ResponseInvalid(f"the answer is not valid JSON{cut}: {exc}") from None
+            return answer
+        value, answer = _json_value(answer)
         if self._validator is None:
             if not isinstance(value, dict):
                 raise ResponseInvalid("the answer is JSON but not an object")
-            return
+            return answer
         error = next(iter(self._validator.iter_errors(value)), None)
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "(root)"
             raise ResponseInvalid(
                 f"the answer does not match the schema at {where}: {error.message}"
             )
+        return answer
+
+
+def _json_value(answer: Answer) -> tuple[Any, Answer]:
+    """The answer's JSON value, and the answer with JSON any parser reads.
+
+    Some servers' JSON grammars (llama-cpp-python's) let a raw newline or tab into a
+    string, which strict JSON forbids; such an answer is read leniently and stored
+    re-serialised, so the typed columns decode it.
+    """
+    assert answer.text is not None
+    try:
+        return orjson.loads(answer.text), answer
+    except orjson.JSONDecodeError as exc:
+        error = exc
+    try:
+        value = json.loads(answer.text, strict=False)
+    except json.JSONDecodeError:
+        cut = " (cut off by max_tokens)" if answer.finish_reason == "length" else ""
+        raise ResponseInvalid(f"the answer is not valid JSON{cut}: {error}") from None
+    return value, dataclasses.replace(answer, text=orjson.dumps(value).decode())
 
 
 def strict_schema_problem(schema: Any, where: str = "(root)") -> str | None:

@@ -33,7 +33,7 @@ from pipeline.output import output_format, result_columns
 from pipeline.parse import AnswerCheck, OutputShape, fields_dtype, strict_schema_problem
 from pipeline.render import NullValue, Renderer, RenderFailed
 from pipeline.source import ROW_INDEX, Source, open_source
-from pipeline.spec import ANTHROPIC_BASE_URL, BASE_URL_ENV, OPENAI_BASE_URL, Job
+from pipeline.spec import ANTHROPIC_BASE_URL, BASE_URL_ENV, OPENAI_BASE_URL, Job, PriceSpec
 
 #: Rows read, rendered and queued at a time: bounds memory whatever the input's size.
 BATCH_ROWS = 2_000
@@ -57,6 +57,8 @@ class RunOptions:
     #: Send again the rows an earlier run recorded as failed.
     retry_failed: bool = False
     journal: Path | None = None
+    #: USD per million input and output tokens, instead of the job's or genai-prices'.
+    price: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ def apply_options(job: Job, opts: RunOptions) -> Job:
         updates["input"] = job.input.model_copy(update={"path": opts.input.resolve()})
     if opts.output is not None:
         updates["output"] = job.output.model_copy(update={"path": opts.output.resolve()})
+    if opts.price is not None:
+        updates["price"] = PriceSpec(input_per_mtok=opts.price[0], output_per_mtok=opts.price[1])
     return job.model_copy(update=updates)
 
 
@@ -274,7 +278,9 @@ def estimate(plan: Plan) -> Estimate:
         rejected=rejected,
         prompt_tokens=prompt,
         max_completion_tokens=completion,
-        cost_low=plan.pricer.cost(Usage(prompt_tokens=prompt)),
-        cost_high=plan.pricer.cost(Usage(prompt_tokens=prompt, completion_tokens=completion)),
+        cost_low=plan.pricer.cost(Usage(prompt_tokens=prompt), requests),
+        cost_high=plan.pricer.cost(
+            Usage(prompt_tokens=prompt, completion_tokens=completion), requests
+        ),
         minutes=max(bounds) if limits.rpm or limits.tpm else None,
     )

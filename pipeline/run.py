@@ -45,7 +45,7 @@ from pipeline.output import write_bytes_atomic, write_output
 from pipeline.parse import RowResult, to_results
 from pipeline.plan import BATCH_ROWS, Plan, fingerprint, limited
 from pipeline.progress import Counters, Display
-from pipeline.render import NullValue, RenderFailed
+from pipeline.render import NullValue, RenderFailed, estimate_text_tokens
 from pipeline.source import ROW_INDEX
 from pipeline.spec import Job, digest
 from pipeline.transport import AiohttpTransport
@@ -154,14 +154,19 @@ class Runner:
             batch = await asyncio.to_thread(next, batches, None)
             if batch is None:
                 break
-            works, ready = await asyncio.to_thread(self._prepare, batch)
-            for entry in ready:
-                await self._outbox.put(entry)
-            for work in works:
+            step = self.plan.endpoint.prepare_rows
+            for start in range(0, batch.height, step):
                 if self.dispatcher.stopped:
                     break
-                if not self._dedupe or await self._lead(work):
-                    await self._queue(work, inbox)
+                chunk = batch.slice(start, step)
+                works, ready = await asyncio.to_thread(self._prepare, chunk)
+                for entry in ready:
+                    await self._outbox.put(entry)
+                for work in works:
+                    if self.dispatcher.stopped:
+                        break
+                    if not self._dedupe or await self._lead(work):
+                        await self._queue(work, inbox)
         if self._group and not self.dispatcher.stopped:
             await inbox.put(self._pack())
         for _ in range(workers):
@@ -373,10 +378,16 @@ class _ToolRounds:
 
     def next_work(self, work: Work, answer: Answer) -> Work:
         """The row's next request (runs in a thread: the functions may block)."""
-        results = self._tools.call_all(list(answer.extra.get("tool_calls") or ()))
+        calls = list(answer.extra.get("tool_calls") or ())
+        results = self._tools.call_all(calls)
         payload = self._endpoint.follow_up(work.payload, answer, results)
         request = self._runner._request([payload])
-        prompt = len(request.body) // 4
+        # The last prompt, plus the model's message with its calls and a message per
+        # result. Not the body's length: it carries images as base64, not counted so.
+        said = (answer.text or "") + "".join(f"{c['name']}{c['arguments']}" for c in calls)
+        added = estimate_text_tokens(said) + 4
+        added += sum(estimate_text_tokens(str(r["content"])) + 4 for r in results)
+        prompt = work.weights[0] + added
         out = self._endpoint.max_output_tokens()
         return dataclasses.replace(
             work, request=request, tokens=prompt + out, weights=(prompt,), payload=payload
@@ -446,7 +457,8 @@ def _resume_note(plan: Plan, journal: Journal, done: int) -> str | None:
     if flight.rows:
         out = plan.endpoint.max_output_tokens()
         prompt = flight.tokens - flight.rows * out
-        most = plan.pricer.cost(Usage(prompt_tokens=prompt, completion_tokens=flight.rows * out))
+        usage = Usage(prompt_tokens=prompt, completion_tokens=flight.rows * out)
+        most = plan.pricer.cost(usage, flight.rows)
         note += (
             f"; {flight.rows:,} requests were in flight when the last run stopped: they are "
             f"sent again, and what they cost before is billed again (at most ${most:.4f})"

@@ -247,6 +247,11 @@ class PriceSpec(_Strict):
     output_per_mtok: float = Field(ge=0)
     #: Default: the input price.
     cached_input_per_mtok: float | None = Field(default=None, ge=0)
+    #: USD per request, for models priced per image (dall-e-3: 0.04 for a standard
+    #: 1024x1024) or per call; added to the token prices.
+    per_request_usd: float = Field(default=0.0, ge=0)
+    #: USD per minute of audio, for transcription billed by duration (whisper-1: 0.006).
+    per_minute_usd: float = Field(default=0.0, ge=0)
 
 
 class Job(_Strict):

@@ -11,6 +11,7 @@ an async `send`.
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Protocol
@@ -22,6 +23,7 @@ from pipeline.endpoints import Endpoint, HttpRequest, HttpResponse
 from pipeline.errors import (
     ConnectFailed,
     Fatal,
+    PromptFiltered,
     RateLimited,
     ReadFailed,
     RequestFailure,
@@ -33,6 +35,9 @@ from pipeline.limits import retry_after
 #: A wait longer than this on a 429 is a quota, not a rate: halt instead of sleeping.
 MAX_RATE_LIMIT_WAIT_S = 300.0
 _SERVER_ERRORS = frozenset({408, 409, 500, 502, 503, 504, 529})
+#: Bodies bigger than this (images sent inline) are written in chunks that let the loop
+#: run between them; aiohttp warns that raw bytes this big would hold it while written.
+LARGE_BODY_BYTES = 2**20
 
 
 class Transport(Protocol):
@@ -71,10 +76,11 @@ class AiohttpTransport:
     async def send(self, request: HttpRequest) -> HttpResponse:
         assert self._session is not None, "use `async with AiohttpTransport(...)`"
         try:
+            body = request.body
             async with self._session.request(
                 request.method,
                 request.url,
-                data=request.body,
+                data=body if len(body) <= LARGE_BODY_BYTES else io.BytesIO(body),
                 headers=request.headers,
                 allow_redirects=False,
             ) as response:
@@ -117,7 +123,8 @@ def classify(
     if 200 <= status < 300:
         return None
     headers = response.headers
-    error = endpoint.error(_json_or_text(response.body))
+    body = _json_or_text(response.body)
+    error = endpoint.error(body)
     detail = error.message or f"HTTP {status}"
     no_retry = headers.get("x-should-retry", "").lower() == "false"
     wait = retry_after(headers)
@@ -128,7 +135,10 @@ def classify(
             f"the server redirected to {where}; set --base-url to the final address",
             status=status,
         )
-    failure = _by_status(status, error.type, error.code, detail, endpoint.path)
+    if error.code == "content_filter":
+        failure: RequestFailure | None = PromptFiltered(_filtered(body, detail))
+    else:
+        failure = _by_status(status, error.type, error.code, detail, endpoint.path)
     if failure is None:
         failure = _classify_429(error.type, error.code, detail, request_tokens, headers, wait)
     failure.status, failure.retry_after, failure.no_retry = status, wait, no_retry
@@ -141,14 +151,22 @@ def _by_status(
     """The failure for a non-2xx, non-3xx status; None for 429, which needs headers."""
     if status == 401:
         return Fatal(f"authentication failed ({detail}): check the API key variable")
+    if status == 402:
+        return Fatal(f"billing ({detail}): add credit or raise the spend limit, then run again")
     if status == 403:
         return Fatal(f"permission denied ({detail}): the key may lack access to this model")
     if status == 404:
         if code == "model_not_found":
             return Fatal(f"{detail} Check `request.model` / --model")
+        # Anthropic names an unknown model only in the message: "model: claude-x".
+        if type_ == "not_found_error" and detail.startswith("model:"):
+            return Fatal(f"unknown model ({detail}): check `request.model` / --model")
+        if code == "DeploymentNotFound":
+            return Fatal(f"{detail} Check `request.deployment` (default: `request.model`)")
         return Fatal(
             f"404 Not Found for {path} ({detail}): check --base-url "
-            "(OpenAI-compatible servers usually serve under /v1)"
+            "(OpenAI-compatible servers usually serve under /v1; Azure wants "
+            "https://<resource>.openai.azure.com and a valid `api_version`)"
         )
     if status == 429:
         return None
@@ -182,6 +200,23 @@ def _classify_429(
             f"quota, not a rate limit ({detail})"
         )
     return RateLimited(f"rate limited: {detail}")
+
+
+def _filtered(body: object, detail: str) -> str:
+    """A content-filter refusal, naming the categories Azure's innererror flags."""
+    inner = body.get("error") if isinstance(body, Mapping) else None
+    inner = inner.get("innererror") if isinstance(inner, Mapping) else None
+    result = inner.get("content_filter_result") if isinstance(inner, Mapping) else None
+    flagged = [
+        f"{name}: {verdict.get('severity')}"
+        for name, verdict in (result.items() if isinstance(result, Mapping) else ())
+        if isinstance(verdict, Mapping) and verdict.get("filtered")
+    ]
+    why = f" ({', '.join(flagged)})" if flagged else ""
+    return (
+        f"the provider's content filter refused this row's prompt{why}; only this row "
+        f"fails. Change its text to send it. The server said: {detail}"
+    )
 
 
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:

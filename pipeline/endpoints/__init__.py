@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.endpoints.anthropic import AnthropicMessages
+from pipeline.endpoints.audio import AudioTranscriptions
 from pipeline.endpoints.base import (
     Answer,
     ApiError,
@@ -19,11 +21,14 @@ from pipeline.endpoints.base import (
 )
 from pipeline.endpoints.chat import ChatCompletions
 from pipeline.endpoints.embeddings import Embeddings
+from pipeline.endpoints.images import ImageGenerations
 from pipeline.endpoints.providers import Provider, make_provider
+from pipeline.endpoints.responses import Responses
 from pipeline.spec import RequestSpec, TemplateSpec
 
 __all__ = [
     "Answer",
+    "AnthropicMessages",
     "ApiError",
     "ChatCompletions",
     "Embeddings",
@@ -33,6 +38,7 @@ __all__ = [
     "Item",
     "Prompt",
     "Provider",
+    "Responses",
     "RowProblem",
     "Usage",
     "make_endpoint",
@@ -43,6 +49,11 @@ __all__ = [
 _OPENAI_HOSTS = ("api.openai.com",)
 
 
+#: Rows rendered at a time when each request carries a file (an image, audio): a few
+#: MB each at most, so a few dozen in memory.
+FILE_PREPARE_ROWS = 16
+
+
 def make_endpoint(
     spec: RequestSpec,
     template: TemplateSpec,
@@ -51,6 +62,19 @@ def make_endpoint(
     base_dir: Path,
 ) -> Endpoint:
     """The adapter for the job's endpoint. `base_dir`: where relative file paths start."""
+    endpoint = _adapter(spec, template, base_url, schema, base_dir)
+    if template.images or template.file is not None:
+        endpoint.prepare_rows = FILE_PREPARE_ROWS
+    return endpoint
+
+
+def _adapter(
+    spec: RequestSpec,
+    template: TemplateSpec,
+    base_url: str,
+    schema: dict[str, Any] | None,
+    base_dir: Path,
+) -> Endpoint:
     kind = spec.kind
     if kind == "embeddings":
         return Embeddings(spec)
@@ -59,6 +83,14 @@ def make_endpoint(
         return ChatCompletions(
             spec, schema, param, base_dir=base_dir, image_detail=template.image_detail
         )
+    if kind == "responses":
+        return Responses(spec, schema, base_dir=base_dir, image_detail=template.image_detail)
+    if kind == "messages":
+        return AnthropicMessages(spec, schema, base_dir=base_dir)
+    if kind == "images.generations":
+        return ImageGenerations(spec, template)
+    if kind == "audio.transcriptions":
+        return AudioTranscriptions(spec, template, base_dir)
     raise NotImplementedError(kind)
 
 

@@ -52,6 +52,10 @@ class Usage:
     reasoning_tokens: int = 0
     #: Part of prompt_tokens written to Anthropic's prompt cache (dearer).
     cache_write_tokens: int = 0
+    #: Part of prompt_tokens that is audio (transcription models price it apart).
+    audio_tokens: int = 0
+    #: Seconds of audio, for models billed by duration (whisper-1).
+    audio_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,9 @@ class Endpoint(ABC):
     #: Rows one request may carry (embeddings: many), and their token budget.
     batch_rows: int = 1
     batch_tokens: int = 0
+    #: Rows rendered into requests at a time, ahead of sending: fewer for requests
+    #: that carry files (audio, local images), so memory stays bounded.
+    prepare_rows: int = 500
     #: The output column the answer goes to: "response" (text), "embedding", "image_path".
     answer_column: str = "response"
 

@@ -16,7 +16,7 @@ import orjson
 from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, Usage
 from pipeline.endpoints.tools import chat_tool_choice, chat_tools
 from pipeline.media import image_tokens, load_image
-from pipeline.render import estimate_tokens
+from pipeline.render import estimate_text_tokens, estimate_tokens
 from pipeline.spec import RequestSpec
 
 #: What a server lets a completion run to when max_tokens is not set; the TPM limiter
@@ -41,10 +41,13 @@ class ChatCompletions(Endpoint):
         self._static = _static_fields(spec, schema, max_tokens_param)
         self.base_dir = base_dir
         self._detail = image_detail
+        # Servers count the tools' definitions as prompt, in every request.
+        tools = self._static.get("tools")
+        self._tools_tokens = estimate_text_tokens(orjson.dumps(tools).decode()) if tools else 0
 
     def item(self, prompt: Prompt) -> Item:
         messages: list[dict[str, Any]] = prompt.messages
-        tokens = estimate_tokens(prompt.messages)
+        tokens = estimate_tokens(prompt.messages) + self._tools_tokens
         if prompt.images:
             parts: list[dict[str, Any]] = []
             for reference in prompt.images:

@@ -17,6 +17,7 @@ import orjson
 
 from pipeline.endpoints.base import JSON, Answer, Endpoint, Item, Prompt, RowProblem, split_usage
 from pipeline.endpoints.chat import _usage
+from pipeline.errors import Fatal
 from pipeline.render import estimate_text_tokens
 from pipeline.spec import RequestSpec
 
@@ -73,4 +74,11 @@ def _vector(raw: Any) -> list[float]:
         return array("f", base64.b64decode(raw)).tolist()
     if not isinstance(raw, list):
         raise ValueError("an embedding is neither a list of numbers nor base64")
+    if raw and isinstance(raw[0], list):
+        # Every row would get the same: stop the run rather than retry it row by row.
+        raise Fatal(
+            f"the server returned one vector per token ({len(raw)} of them), not one per "
+            "input: it does not pool. Serve the model with pooling (llama.cpp: "
+            "--pooling mean) or use an embedding model"
+        )
     return [float(x) for x in raw]

@@ -5,7 +5,12 @@ The simulator answers `POST /v1/chat/completions`, `POST /v1/embeddings`,
 of the real API, enforces RPM/TPM with two token buckets as OpenAI documents it, and
 injects faults at a configured rate. Answers are a pure function of the seed and the
 request body, so two runs of the same job see the same text. It imports nothing else
-from `pipeline`.
+from `pipeline`. Anthropic's `POST /v1/messages` shares the same pipeline, in
+Anthropic's shapes and headers (anthropic.py); OpenAI's Responses API,
+`POST /v1/responses`, does too (responses.py), and so do image generation and
+audio transcription, a multipart upload (media.py), and Azure OpenAI's deployment
+routes, in Azure's headers, errors and content filter (azure.py). Chat images are
+counted by their pixel size (vision.py); chat tools are checked and called (tools.py).
 
 In a test or a benchmark, run it in a thread and point any client at the URL::
 
@@ -50,10 +55,15 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from hashlib import sha256
 from types import TracebackType
-from typing import Any, Final, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
+
+from pipeline.simulator.vision import ImageProblem, image_part_tokens
+
+if TYPE_CHECKING:
+    from pipeline.simulator.tools import ToolCall
 
 # The answer is 5 to 40 words; one word counts as one completion token.
 _MIN_WORDS: Final = 5
@@ -69,7 +79,8 @@ _CACHE_STEP: Final = 128
 # The set of cached system prompts is forgotten when it grows past this, so that a
 # million-row job with a distinct prompt per row does not grow the server without end.
 _CACHE_MAX_PREFIXES: Final = 100_000
-# An image part is counted as a low-detail image, never by its base64 length.
+# A content part that is neither text nor an image (audio, a file) counts this much;
+# images are counted by their size (vision.py), never by their base64 length.
 _IMAGE_PART_TOKENS: Final = 85
 _MAX_EMBEDDING_INPUTS: Final = 2048
 _MAX_CHOICES: Final = 128
@@ -193,6 +204,20 @@ class _ApiError(Exception):
         self.body = body
         self.tally = tally
         self.headers = headers or {}
+
+
+class _Dialect(Protocol):
+    """How another API family (Anthropic's) differs on the wire from OpenAI's, for a
+    route that shares the request pipeline: its key header, error bodies, header names."""
+
+    def authorize(self, request: web.Request, key: str | None) -> None:
+        """Raise the family's 401 unless the request carries `key` (None: no key needed)."""
+
+    def error(self, error: _ApiError) -> _ApiError:
+        """The error as the family spells it: its status, body and headers."""
+
+    def finish(self, response: web.StreamResponse, limits: _Limits) -> None:
+        """Give the answer the family's rate-limit and request-id headers."""
 
 
 def _error_body(
@@ -425,6 +450,14 @@ class _Limits:
                 out[f"x-ratelimit-reset-{name}"] = _go_duration(bucket.until_full())
         return out
 
+    def levels(self) -> Iterator[tuple[str, _Bucket]]:
+        """("requests" or "tokens", its bucket refilled to now), for each limit set."""
+        now = self._clock()
+        for name, bucket in (("requests", self._requests), ("tokens", self._tokens)):
+            if bucket is not None:
+                bucket.refill(now)
+                yield name, bucket
+
 
 def _too_large(model: str, limit: int, cost: int) -> _ApiError:
     # No retry-after: waiting never makes a request larger than the whole limit fit.
@@ -462,6 +495,8 @@ class _ChatJob:
     n: int
     response_format: dict[str, Any] | None
     directive_text: str
+    #: The tool the answer calls (tools.py); None: it answers in text.
+    tool: ToolCall | None = None
 
     @property
     def cost(self) -> int:
@@ -532,7 +567,7 @@ def _ceil4(n: int) -> int:
     return -(-n // 4)
 
 
-def _content_size(content: Any) -> tuple[int, int]:
+def _content_size(content: Any, model: str = "") -> tuple[int, int]:
     """(utf-8 bytes of text, tokens of images) of a message's content."""
     if isinstance(content, str):
         return len(content.encode()), 0
@@ -544,6 +579,11 @@ def _content_size(content: Any) -> tuple[int, int]:
             continue
         if part.get("type") == "text":
             text += len(str(part.get("text", "")).encode())
+        elif part.get("type") == "image_url":
+            try:
+                images += image_part_tokens(part, model)
+            except ImageProblem as problem:
+                raise _invalid(str(problem), "messages", problem.code) from None
         else:
             images += _IMAGE_PART_TOKENS
     return text, images
@@ -578,11 +618,19 @@ def _messages(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """ceil(text bytes / 4) + 4 per message, plus 3 for the reply's priming."""
+def _prompt_tokens(messages: list[dict[str, Any]], model: str = "") -> int:
+    """ceil(text bytes / 4) + 4 per message, plus 3 for the reply's priming.
+
+    A message's text includes the name and arguments of the tool calls it carries.
+    """
     total = 3
     for message in messages:
-        text, images = _content_size(message.get("content"))
+        text, images = _content_size(message.get("content"), model)
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                text += len(str(function.get("name", "")).encode())
+                text += len(str(function.get("arguments", "")).encode())
         total += _ceil4(text) + images + 4
     return total
 
@@ -680,14 +728,17 @@ def _parse_chat(payload: dict[str, Any]) -> _ChatJob:
     max_tokens = _positive_int(payload, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _positive_int(payload, "max_tokens")
+    from pipeline.simulator import tools  # it imports this module
+
     return _ChatJob(
         model=model,
         messages=messages,
-        prompt_tokens=_prompt_tokens(messages),
+        prompt_tokens=_prompt_tokens(messages, model) + tools.tools_tokens(payload),
         max_tokens=max_tokens,
         n=_positive_int(payload, "n", most=_MAX_CHOICES) or 1,
         response_format=_response_format(payload),
         directive_text=_content_text(messages[-1].get("content")),
+        tool=tools.tool_to_call(payload, messages),
     )
 
 
@@ -789,6 +840,8 @@ def _schema_answer(spec: Mapping[str, Any], rng: random.Random) -> Any:
 
 def _choice(job: _ChatJob, index: int, rng: random.Random) -> tuple[dict[str, Any], int, int]:
     """One choice, its completion tokens and its reasoning tokens."""
+    if job.tool is not None:
+        return job.tool.choice(index, job.max_tokens, rng)
     reasoning = rng.randint(*_REASONING_TOKENS) if _is_reasoning(job.model) else 0
     budget = None
     if job.max_tokens is not None:
@@ -1035,6 +1088,18 @@ class Simulator:
         router.add_post("/v1/embeddings", self._embeddings)
         router.add_get("/v1/models", self._models)
         router.add_get("/v1/models/{model:.+}", self._model)
+        from pipeline.simulator.anthropic import add_routes  # it imports this module
+
+        add_routes(self, router)
+        from pipeline.simulator import media  # it imports this module
+
+        media.add_routes(self, router)
+        from pipeline.simulator import azure  # it imports this module
+
+        azure.add_routes(self, router)
+        from pipeline.simulator.responses import responses_route  # it imports this module
+
+        router.add_post("/v1/responses", responses_route(self))
         router.add_route("*", "/v1/{tail:.*}", self._unknown)
         router.add_get("/_sim/stats", self._stats_route)
         return app
@@ -1082,17 +1147,33 @@ class Simulator:
     # -- the request pipeline ----------------------------------------------------------
 
     async def _guarded(
-        self, request: web.Request, work: Callable[[float], Awaitable[web.StreamResponse]]
+        self,
+        request: web.Request,
+        work: Callable[[float], Awaitable[web.StreamResponse]],
+        dialect: _Dialect | None = None,
     ) -> web.StreamResponse:
-        """Count, check the key, run `work`, and turn an `_ApiError` into its answer."""
+        """Count, check the key, run `work`, and turn an `_ApiError` into its answer.
+
+        A `dialect` (Anthropic's) checks its own key header and respells the errors and
+        headers; the answers are built as OpenAI's first. A truncated fault's head is
+        written raw and keeps OpenAI's names: no client reads headers of a cut body.
+        """
         started = time.perf_counter()
         self.stats.requests += 1
         try:
-            self._authorize(request)
-            return await work(started)
+            if dialect is None:
+                self._authorize(request)
+            else:
+                dialect.authorize(request, self.config.api_key)
+            response = await work(started)
         except _ApiError as error:
             self._tally(error.tally)
-            return self._reply(error.status, orjson.dumps(error.body), started, error.headers)
+            if dialect is not None:
+                error = dialect.error(error)
+            response = self._reply(error.status, orjson.dumps(error.body), started, error.headers)
+        if dialect is not None:
+            dialect.finish(response, self._limits)
+        return response
 
     def _tally(self, counter: _Tally) -> None:
         stats = self.stats
@@ -1134,11 +1215,15 @@ class Simulator:
         started: float,
         parse: Callable[[dict[str, Any]], _J],
         answer: Callable[[_J, bytes], dict[str, Any]],
+        *,
+        load: Callable[[web.Request], Awaitable[tuple[bytes, dict[str, Any]]]] | None = None,
     ) -> web.StreamResponse:
-        body = await _read(request)
+        """`load`, for a body that is not JSON (a multipart form): its fields, and the
+        bytes that identify it for `by_body` and directives."""
+        body, form = (await _read(request), None) if load is None else await load(request)
         digest = sha256(body).digest()
         count = self._count(body, digest)
-        job = parse(_load_json(body))
+        job = parse(_load_json(body) if form is None else form)
         kind = _directive(job.directive_text, count) if _DIRECTIVE_MARK in body else None
         retry_ms = _DIRECTIVE_RETRY_MS
         if kind is None:
