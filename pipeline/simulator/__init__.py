@@ -820,6 +820,10 @@ def _answer_tokens(job: _ChatJob, rng: random.Random) -> list[str]:
         assert fmt is not None
         return _text_tokens(orjson.dumps(_schema_answer(fmt["json_schema"], rng)).decode())
     if kind == "json_object":
+        assert fmt is not None
+        if isinstance(fmt.get("schema"), dict):
+            # llama-cpp-python's and vLLM's extension: a schema the answer must follow.
+            return _text_tokens(orjson.dumps(_schema_answer(fmt, rng)).decode())
         answer = "".join(_sentence_tokens(rng))
         return _text_tokens(orjson.dumps({"answer": answer}).decode())
     return _sentence_tokens(rng)
@@ -832,7 +836,7 @@ def _schema_answer(spec: Mapping[str, Any], rng: random.Random) -> Any:
         # A schema the faker cannot follow (a dangling $ref, an empty enum) is the
         # client's mistake, so it gets a 400 as the real API would give, not a 500.
         raise _invalid(
-            f"Invalid schema for response_format '{spec['name']}': {error!r}",
+            f"Invalid schema for response_format '{spec.get('name', '')}': {error!r}",
             "response_format",
             "invalid_json_schema",
         ) from None
