@@ -87,20 +87,18 @@ class ToolLoop(Protocol):
 
     max_rounds: int
 
-    def next_work(self, work: Work, answer: Answer) -> Work: ...
+    def next_work(self, work: Work, answer: Answer) -> tuple[Work, list[dict[str, Any]]]:
+        """The next request, and the calls made with their results."""
+        ...
 
 
 def _with_usage(answer: Answer, earlier: Usage) -> Answer:
     """The answer with the usage of the tool loop's earlier rounds added: all was billed."""
-    u = answer.usage
-    total = Usage(
-        u.prompt_tokens + earlier.prompt_tokens,
-        u.completion_tokens + earlier.completion_tokens,
-        u.cached_tokens + earlier.cached_tokens,
-        u.reasoning_tokens + earlier.reasoning_tokens,
-        u.cache_write_tokens + earlier.cache_write_tokens,
-    )
-    return dataclasses.replace(answer, usage=total)
+    total = {
+        f.name: getattr(answer.usage, f.name) + getattr(earlier, f.name)
+        for f in dataclasses.fields(Usage)
+    }
+    return dataclasses.replace(answer, usage=Usage(**total))
 
 
 class Sink(Protocol):
@@ -186,6 +184,7 @@ class Dispatcher:
         if self._before_send is not None:
             await self._before_send(work)
         spent = Usage()  # by earlier rounds of a tool loop
+        made: list[dict[str, Any]] = []  # the calls those rounds ran, with their results
         while True:
             charged = self._limiter.charge(work.tokens, sum(work.weights))
             await self._limiter.acquire(charged)
@@ -205,9 +204,14 @@ class Dispatcher:
                 if self._tools is None:
                     return outcome
                 answer = _with_usage(answers[0], spent)
-                outcome.answers = [answer]
                 if not answer.extra.get("tool_calls"):
+                    if made:  # the final answer: the calls that led to it go with it
+                        answer = dataclasses.replace(
+                            answer, extra={**answer.extra, "tool_calls": made}
+                        )
+                    outcome.answers = [answer]
                     return outcome
+                outcome.answers = [answer]
                 if rounds >= self._tools.max_rounds:
                     outcome.failure = ResponseInvalid(
                         f"the model still called tools after {rounds} rounds "
@@ -216,7 +220,8 @@ class Dispatcher:
                     return outcome
                 rounds += 1
                 spent = answer.usage
-                work = await asyncio.to_thread(self._tools.next_work, work, answer)
+                work, ran = await asyncio.to_thread(self._tools.next_work, work, answer)
+                made.extend(ran)
                 continue
             if isinstance(failure, Fatal):
                 self.stop(Halted(failure.message))

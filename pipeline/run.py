@@ -376,8 +376,9 @@ class _ToolRounds:
         self._endpoint: Endpoint = runner.plan.endpoint
         self.max_rounds = runner.plan.job.request.max_tool_rounds
 
-    def next_work(self, work: Work, answer: Answer) -> Work:
-        """The row's next request (runs in a thread: the functions may block)."""
+    def next_work(self, work: Work, answer: Answer) -> tuple[Work, list[dict[str, Any]]]:
+        """The row's next request, and the calls run with their results (in a thread:
+        the functions may block)."""
         calls = list(answer.extra.get("tool_calls") or ())
         results = self._tools.call_all(calls)
         payload = self._endpoint.follow_up(work.payload, answer, results)
@@ -389,9 +390,11 @@ class _ToolRounds:
         added += sum(estimate_text_tokens(str(r["content"])) + 4 for r in results)
         prompt = work.weights[0] + added
         out = self._endpoint.max_output_tokens()
-        return dataclasses.replace(
+        ran = [{**call, "result": r["content"]} for call, r in zip(calls, results, strict=True)]
+        following = dataclasses.replace(
             work, request=request, tokens=prompt + out, weights=(prompt,), payload=payload
         )
+        return following, ran
 
 
 #: Stands for the request of a row that a batching endpoint has yet to pack.

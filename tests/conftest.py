@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from pipeline.cli import main
+from pipeline.limits import Limiter
 from pipeline.simulator import SimConfig, Simulator, running_in_thread
 
 
@@ -114,3 +116,41 @@ def spawn_run(job: Path, url: str, *args: str, cwd: Path | None = None) -> subpr
         env=env,
         cwd=cwd,
     )
+
+
+def in_virtual_time(
+    scenario: Callable[[Limiter], Awaitable[None]],
+    *,
+    headers: Mapping[str, str] | None = None,
+    **limits: int | None,
+) -> float:
+    """Run `scenario` with a Limiter (set by `limits`, then following `headers` if
+    given) on a loop whose clock moves 1 ms per turn; return the virtual seconds.
+
+    aiolimiter schedules by loop.time(), so its waits end at once in real time and the
+    result is the same on any machine.
+    """
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        now = [0.0]
+        loop.time = lambda: now[0]  # type: ignore[method-assign]
+        running = True
+
+        async def tick() -> None:
+            while running:
+                now[0] += 0.001
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        limiter = Limiter(rpm=limits.get("rpm"), tpm=limits.get("tpm"), clock=lambda: now[0])
+        if headers is not None:
+            limiter.observe(headers, tokens=20)
+        try:
+            await scenario(limiter)
+        finally:
+            running = False
+            await ticker
+        return now[0]
+
+    return asyncio.run(main())

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from conftest import Server, invoke, read_output, run_job, write_job
+from conftest import Server, in_virtual_time, invoke, read_output, run_job, write_job
 from genai_prices import Usage as PriceUsage
 from genai_prices import calc_price
 from jsonschema import Draft202012Validator
@@ -711,36 +711,6 @@ def _rfc3339(when: float) -> str:
     return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def in_virtual_time(
-    headers: Mapping[str, str], scenario: Callable[[Limiter], Awaitable[None]]
-) -> float:
-    """Follow `headers` with a limiter that sets none itself, then run `scenario` on a
-    loop whose clock moves 1 ms per turn; return the virtual seconds it took."""
-
-    async def main() -> float:
-        loop = asyncio.get_running_loop()
-        now = [0.0]
-        loop.time = lambda: now[0]  # type: ignore[method-assign]
-        running = True
-
-        async def tick() -> None:
-            while running:
-                now[0] += 0.001
-                await asyncio.sleep(0)
-
-        ticker = asyncio.create_task(tick())
-        limiter = Limiter(rpm=None, tpm=None, clock=lambda: now[0])
-        limiter.observe(headers, tokens=20)
-        try:
-            await scenario(limiter)
-        finally:
-            running = False
-            await ticker
-        return now[0]
-
-    return asyncio.run(main())
-
-
 def test_the_simulators_headers_pace_a_limiter_that_set_no_limits() -> None:
     with running_in_thread(SimConfig(rpm=600, tpm=1_000_000)) as (url, simulator):
         _, _, headers = post(Server(url, simulator), OK_BODY)
@@ -750,7 +720,7 @@ def test_the_simulators_headers_pace_a_limiter_that_set_no_limits() -> None:
             await limiter.acquire(1)
 
     # The 600 RPM the headers give: 10/s at 98.5%.
-    assert in_virtual_time(headers, twenty) == pytest.approx(20 / 9.85, rel=0.03)
+    assert in_virtual_time(twenty, headers=headers) == pytest.approx(20 / 9.85, rel=0.03)
 
 
 def test_an_exhausted_simulator_bucket_pauses_the_limiter_until_the_refill() -> None:
@@ -881,7 +851,10 @@ def test_a_tool_loop_runs_the_functions_and_sends_the_results_back(
     out = read_output(tmp_path / "out.parquet")
     assert out["status"].to_list() == ["ok"] * 4
     assert out["finish_reason"].unique().to_list() == ["stop"]
-    assert out["tool_calls"].null_count() == 4  # the final answers call nothing
+    # The calls the loop ran, with what the function returned, go with the final answer.
+    for text in out["tool_calls"]:
+        (call,) = orjson.loads(text)
+        assert set(call) == {"id", "name", "arguments", "result"}
     assert keyed.sim.stats.ok == 8  # a call, then the answer, per row
     single = ask(
         keyed, endpoint(tools=[WEATHER.model_dump(exclude_none=True)]), user("Weather in city 0?")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import pytest
+from conftest import in_virtual_time
 from multidict import CIMultiDict
 
 from pipeline.limits import Limiter, parse_duration, retry_after
@@ -53,36 +53,6 @@ def test_pause_holds_every_acquire_until_it_ends() -> None:
     now[0] += 5.0
     assert limiter.paused_for == 0.0
     asyncio.run(limiter.acquire(10))  # returns at once: no pause left, no limits
-
-
-def in_virtual_time(scenario: Callable[[Limiter], Awaitable[None]], **limits: int | None) -> float:
-    """Run `scenario` on a loop whose clock moves 1 ms per turn; return the virtual seconds.
-
-    aiolimiter schedules by loop.time(), so its waits end at once in real time and the
-    result is the same on any machine.
-    """
-
-    async def main() -> float:
-        loop = asyncio.get_running_loop()
-        now = [0.0]
-        loop.time = lambda: now[0]  # type: ignore[method-assign]
-        running = True
-
-        async def tick() -> None:
-            while running:
-                now[0] += 0.001
-                await asyncio.sleep(0)
-
-        ticker = asyncio.create_task(tick())
-        limiter = Limiter(clock=lambda: now[0], **limits)  # type: ignore[arg-type]
-        try:
-            await scenario(limiter)
-        finally:
-            running = False
-            await ticker
-        return now[0]
-
-    return asyncio.run(main())
 
 
 def test_requests_are_paced_smoothly_from_the_first_one() -> None:

@@ -155,6 +155,9 @@ def test_the_loop_ends_in_a_final_answer_with_usage_summed_over_rounds(
         second += ceil4(result_text) + 4
         assert out["prompt_tokens"][row] == prompts[row] + second
         assert out["completion_tokens"][row] > completions[row]  # the call's, and the text's
+        # The call the loop ran, and what the function gave back, go with the final answer.
+        (ran,) = json.loads(out["tool_calls"][row])
+        assert ran == {**call, "result": result_text}
     assert out["cost_usd"].sum() == pytest.approx(summary["cost_usd"])
 
 

@@ -197,3 +197,16 @@ def split_usage(usage: Usage, weights: Sequence[int]) -> list[Usage]:
         )
         shares.append(part)
     return shares
+
+
+def with_image_parts(
+    messages: list[dict[str, Any]], parts: list[dict[str, Any]], text_type: str
+) -> list[dict[str, Any]]:
+    """The messages with image parts added to the last user message, its text first as
+    a part of type `text_type` ("text" in chat completions, "input_text" in Responses)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last is None:
+        return [*messages, {"role": "user", "content": parts}]
+    text = messages[last]["content"]
+    content = [{"type": text_type, "text": text}, *parts] if text else parts
+    return [*messages[:last], {**messages[last], "content": content}, *messages[last + 1 :]]

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, Usage
+from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, Usage, with_image_parts
 from pipeline.endpoints.tools import chat_tool_choice, chat_tools
 from pipeline.media import image_tokens, load_image
 from pipeline.render import estimate_text_tokens, estimate_tokens
@@ -56,7 +56,7 @@ class ChatCompletions(Endpoint):
                     {"type": "image_url", "image_url": {"url": image.url, "detail": self._detail}}
                 )
                 tokens += image_tokens(image.size, self._detail, self._spec.model)
-            messages = _with_images(messages, parts)
+            messages = with_image_parts(messages, parts, "text")
         body = orjson.dumps({"model": self._spec.model, "messages": messages, **self._static})
         return Item(body, tokens, body)
 
@@ -106,18 +106,6 @@ class ChatCompletions(Endpoint):
             *({"role": "tool", "tool_call_id": r["id"], "content": r["content"]} for r in results),
         ]
         return body
-
-
-def _with_images(
-    messages: list[dict[str, Any]], parts: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """The messages with the images added to the last user message, as content parts."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    if last is None:
-        return [*messages, {"role": "user", "content": parts}]
-    text = messages[last]["content"]
-    content = [{"type": "text", "text": text}, *parts] if text else parts
-    return [*messages[:last], {**messages[last], "content": content}, *messages[last + 1 :]]
 
 
 def _static_fields(

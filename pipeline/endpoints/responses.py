@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, Usage
+from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, Usage, with_image_parts
 from pipeline.endpoints.chat import DEFAULT_MAX_OUTPUT_TOKENS
 from pipeline.errors import AnswerFiltered, ReadFailed, ResponseInvalid, SpecError
 from pipeline.media import image_tokens, load_image
@@ -87,7 +87,7 @@ class Responses(Endpoint):
                     {"type": "input_image", "image_url": image.url, "detail": self._detail}
                 )
                 tokens += image_tokens(image.size, self._detail, self._spec.model)
-            items = _with_images(items, parts)
+            items = with_image_parts(items, parts, "input_text")
         body: dict[str, Any] = {"model": self._spec.model}
         if instructions is not None:
             body["instructions"] = instructions
@@ -183,18 +183,6 @@ def _split_instructions(
     if len(messages) > 1 and messages[0]["role"] in ("system", "developer"):
         return str(messages[0]["content"]), messages[1:]
     return None, messages
-
-
-def _with_images(
-    messages: list[dict[str, Any]], parts: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """The messages with the images added to the last user message, as input parts."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    if last is None:
-        return [*messages, {"role": "user", "content": parts}]
-    text = messages[last]["content"]
-    content = [{"type": "input_text", "text": text}, *parts] if text else parts
-    return [*messages[:last], {**messages[last], "content": content}, *messages[last + 1 :]]
 
 
 def _static_fields(spec: RequestSpec, schema: dict[str, Any] | None) -> dict[str, Any]:
