@@ -195,6 +195,11 @@ def _target(job: Job, opts: RunOptions, env: Mapping[str, str]) -> tuple[str | N
     base_url = base_url.rstrip("/")
     if urlsplit(base_url).scheme not in ("http", "https"):
         raise SpecError(f"base URL {base_url!r} must start with http:// or https://")
+    if req.provider == "azure" and req.kind == "responses" and not base_url.endswith("/openai/v1"):
+        raise SpecError(
+            "Azure OpenAI serves the Responses API only under its v1 API: set base_url to "
+            "https://<resource>.openai.azure.com/openai/v1 and `model` to the deployment's name"
+        )
     return base_url, env.get(req.key_env) or None
 
 

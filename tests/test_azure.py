@@ -281,3 +281,16 @@ def test_a_filtered_answer_fails_its_row_saying_so(tmp_path: Path, sim: Server) 
     assert row["response"] is None
     assert row["http_status"] == 200
     assert row["completion_tokens"] > 0  # generated, then withheld: billed
+
+
+def test_responses_on_azure_needs_the_v1_api_base_url(tmp_path: Path) -> None:
+    job = write_job(
+        tmp_path,
+        [{"text": "hi"}],
+        request={"provider": "azure", "endpoint": "responses", "model": "gpt-4.1-mini"},
+    )
+
+    result = invoke("validate", job, "--base-url", "https://example.openai.azure.com")
+
+    assert result.exit_code == 2
+    assert "/openai/v1" in result.output
