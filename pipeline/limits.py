@@ -45,12 +45,16 @@ MIN_SCALE = 1 / 16
 #: ...and grows back by this share of the full rate per RECOVERY_S without another.
 RECOVERY_STEP = 0.1
 RECOVERY_S = 2.0
-#: Prompt estimates are scaled by how the server counted recent prompts (its usage
+#: Prompt estimates are scaled up by how the server counted recent prompts (its usage
 #: against our estimate): each answer's weight decays by this per later answer...
 CALIBRATION_DECAY = 0.99
-#: ...once this many answers have been seen, within these bounds.
+#: ...once this many answers have been seen, within these bounds. Never below 1: the
+#: estimate is rounded up on purpose, and against a server that enforces its limit
+#: over a sliding second, charging exactly what it counts overruns it (a saturated
+#: bucket lets through its rate plus one request in any second): measured, a TPM-bound
+#: run went from 0 to 20 429s and from 95.6% to 92.5% of the limit.
+CALIBRATION_BOUNDS = (1.0, 2.0)
 CALIBRATION_MIN_ANSWERS = 20
-CALIBRATION_BOUNDS = (0.5, 2.0)
 
 
 class Limiter:
@@ -107,8 +111,8 @@ class Limiter:
 
     def calibrate(self, estimated: int, counted: int) -> None:
         """Learn from an answer's usage how the server counts prompts against our
-        estimate, so that TPM is used to the full and not overrun. Recent answers
-        weigh most; a handful of odd ones cannot swing it far."""
+        estimate, so that text our estimate undercounts (CJK, code) does not overrun
+        TPM. Recent answers weigh most; a handful of odd ones cannot swing it far."""
         if estimated <= 0 or counted <= 0:
             return
         self._estimated = self._estimated * CALIBRATION_DECAY + estimated

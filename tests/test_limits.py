@@ -187,29 +187,32 @@ def test_slow_down_has_a_floor() -> None:
     assert limiter.scale > 0
 
 
-def test_prompt_estimates_are_calibrated_by_the_servers_count() -> None:
+def test_prompt_estimates_the_server_counts_higher_are_scaled_up() -> None:
     limiter = Limiter(rpm=None, tpm=60_000)
     for _ in range(19):
-        limiter.calibrate(estimated=1000, counted=900)
+        limiter.calibrate(estimated=1000, counted=1500)
     assert limiter.charge(1200, prompt=1000) == 1200  # too few answers yet to judge
 
-    limiter.calibrate(estimated=1000, counted=900)
+    limiter.calibrate(estimated=1000, counted=1500)
 
-    assert limiter.prompt_ratio == pytest.approx(0.9)
+    assert limiter.prompt_ratio == pytest.approx(1.5)
     # Only the prompt is scaled: max output tokens count as they are.
-    assert limiter.charge(1200, prompt=1000) == 200 + 900
+    assert limiter.charge(1200, prompt=1000) == 200 + 1500
 
 
 def test_calibration_follows_recent_answers_and_is_bounded() -> None:
     limiter = Limiter(rpm=None, tpm=60_000)
     for _ in range(200):
-        limiter.calibrate(estimated=100, counted=80)
+        limiter.calibrate(estimated=100, counted=180)
     for _ in range(300):
         limiter.calibrate(estimated=100, counted=120)
-    assert limiter.prompt_ratio == pytest.approx(1.2, abs=0.02)
+    assert limiter.prompt_ratio == pytest.approx(1.2, abs=0.05)
 
     for _ in range(500):
         limiter.calibrate(estimated=100, counted=1000)
     assert limiter.prompt_ratio == 2.0
+    for _ in range(1000):
+        limiter.calibrate(estimated=100, counted=80)
+    assert limiter.prompt_ratio == 1.0  # never below the estimate: it is rounded up on purpose
     limiter.calibrate(estimated=0, counted=50)  # no estimate: nothing to learn from
-    assert limiter.prompt_ratio == 2.0
+    assert limiter.prompt_ratio == 1.0
