@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import Server, invoke, read_output, run_job, write_job
+from conftest import Server, invoke, read_output, run_job, spawn_run, write_job
 
 from pipeline.cost import make_pricer
 from pipeline.endpoints import Usage
@@ -125,3 +126,38 @@ def test_csv_output_holds_the_vector_as_json(tmp_path: Path, sim: Server) -> Non
     frame = pl.read_csv(tmp_path / "out.csv")
     vector = frame["embedding"].str.json_decode(pl.List(pl.Float64))[0].to_list()
     assert len(vector) == 32
+
+
+def test_a_killed_run_resumes_and_embeds_every_row_once(tmp_path: Path, sim: Server) -> None:
+    """Batches in flight at a SIGKILL are sent again; nothing committed is lost."""
+    rows, batch, concurrency = 600, 20, 4
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    request = {**EMBED, "batch_rows": batch}
+    limits = {"concurrency": concurrency}
+    assert (
+        run_job(write_job(clean, texts(rows), request=request, limits=limits), sim).exit_code == 0
+    )
+    expected = read_output(clean / "out.parquet")["embedding"].to_list()
+
+    job = write_job(tmp_path, texts(rows), request=request, limits=limits)
+    kills = 0
+    with running_in_thread(SimConfig(latency_ms=400)) as (url, slow):
+        for kill_after in (1.0, 1.5):
+            child = spawn_run(job, url)
+            time.sleep(kill_after)
+            if child.poll() is None:
+                child.kill()
+                kills += 1
+            child.communicate(timeout=30)
+        final = spawn_run(job, url)
+        _, stderr = final.communicate(timeout=120)
+        sent = slow.stats.ok
+
+    assert final.returncode == 0, stderr
+    assert kills >= 1
+    frame = read_output(tmp_path / "out.parquet")
+    assert frame["status"].to_list() == ["ok"] * rows
+    assert frame["embedding"].to_list() == expected
+    # Only requests in flight at a kill are sent twice: at most `concurrency` per kill.
+    assert rows // batch <= sent <= rows // batch + kills * concurrency
