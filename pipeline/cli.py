@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -182,7 +183,7 @@ def estimate_command(job: Path, input_: Path | None, **flags: Any) -> None:
         [
             ("prompt tokens", f"{e.prompt_tokens:,} (estimated, no tokenizer)"),
             ("completion", f"at most {e.max_completion_tokens:,} tokens (rows x max_tokens)"),
-            ("cost", f"${e.cost_low:.4f} to ${e.cost_high:.4f} ({plan.pricer.source})"),
+            ("cost", f"{_usd(e.cost_low)} to {_usd(e.cost_high)} ({plan.pricer.source})"),
             ("duration", duration),
             ("rejected", f"{e.rejected:,} rows would fail before sending"),
         ],
@@ -245,3 +246,12 @@ def simulate(host: str, port: int, faults: str, **config: Any) -> None:
 
     kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
     serve(SimConfig(faults=kinds, **config), host=host, port=port)
+
+
+def _usd(amount: float) -> str:
+    """Dollars to four places, or to three significant digits below a cent, so that a
+    cheap job (embeddings) does not show $0.0000."""
+    if amount == 0 or amount >= 0.01:
+        return f"${amount:,.4f}"
+    places = 2 - math.floor(math.log10(amount))
+    return f"${amount:.{places}f}"

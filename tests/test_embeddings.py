@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -161,3 +162,10 @@ def test_a_killed_run_resumes_and_embeds_every_row_once(tmp_path: Path, sim: Ser
     assert frame["embedding"].to_list() == expected
     # Only requests in flight at a kill are sent twice: at most `concurrency` per kill.
     assert rows // batch <= sent <= rows // batch + kills * concurrency
+
+
+def test_estimate_shows_a_cheap_jobs_cost_to_three_digits() -> None:
+    result = invoke("estimate", ROOT / "jobs" / "embed.toml", "--simulate")
+
+    assert result.exit_code == 0, result.output
+    assert re.search(r"\$0\.0000[1-9]\d\d to \$0\.0000[1-9]\d\d", result.output), result.output
