@@ -108,7 +108,7 @@ def run(job: Path, input_: Path | None, **flags: Any) -> None:
             ("rows", f"{s['rows']:,} ({s['resumed']:,} done by an earlier run)"),
             (
                 "this run",
-                f"{s['requests_sent']:,} requests sent, {s['retries']:,} retried, "
+                f"{_count(s['requests_sent'], 'request')} sent, {s['retries']:,} retried, "
                 f"{s['rate_limited']:,} rate-limited, ${s['cost_this_run_usd']:.6f}",
             ),
             (
@@ -255,3 +255,7 @@ def _usd(amount: float) -> str:
         return f"${amount:,.4f}"
     places = 2 - math.floor(math.log10(amount))
     return f"${amount:.{places}f}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
