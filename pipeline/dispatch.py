@@ -186,8 +186,9 @@ class Dispatcher:
         spent = Usage()  # by earlier rounds of a tool loop
         made: list[dict[str, Any]] = []  # the calls those rounds ran, with their results
         while True:
-            charged = self._limiter.charge(work.tokens, sum(work.weights))
-            await self._limiter.acquire(charged)
+            prompt = sum(work.weights)
+            charged = self._limiter.charge(work.tokens, prompt)
+            await self._limiter.acquire(charged, output=work.tokens - prompt)
             if self.stopped:
                 return None
             sends += 1

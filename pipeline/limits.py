@@ -17,9 +17,9 @@ high in the job (and set them when the job gives none), and when its
 
 Anthropic says the same with `anthropic-ratelimit-{requests,tokens,input-tokens,
 output-tokens}-{limit,remaining,reset}`, its resets being RFC 3339 times. It counts
-input and output tokens in separate buckets, while a request here costs both in one:
-the token limit followed is the most restrictive of them (what its `tokens-limit`
-says), which never overruns either, at the price of pacing below the roomier one.
+input and output tokens in separate buckets, and so does the limiter once the headers
+give both: `tpm` then paces a request's input, `otpm` its max output, each at its own
+limit (charging both against the smaller would pace at a fifth of the input limit).
 """
 
 from __future__ import annotations
@@ -72,15 +72,19 @@ class Limiter:
         self._resume_at = 0.0
         #: The limits in force: the job's, lowered or learned from the server's headers.
         self.rpm, self.tpm = rpm, tpm
+        #: Output tokens per minute, where the server limits them apart from input
+        #: (Anthropic): then `tpm` counts a request's input, this its max output.
+        self.otpm: int | None = None
         #: Share of those limits used now: below 1 after the server asked to slow down.
         self.scale = 1.0
         self._changed_at = clock()
         self._requests: AsyncLimiter | None = None
         self._tokens: AsyncLimiter | None = None
+        self._output: AsyncLimiter | None = None
         self._token_turn = asyncio.Lock()
         #: The largest request so far: the token bucket holds at least one such, so a
         #: request waits once for its tokens, not once per bucketful.
-        self._largest = 0
+        self._largest = self._largest_output = 0
         #: Server-counted prompt tokens per estimated one, learned from usage.
         self.prompt_ratio = 1.0
         self._estimated = self._counted = 0.0
@@ -90,9 +94,11 @@ class Limiter:
     def _rebuild(self) -> None:
         self._requests = _bucket(self.rpm, self.scale)
         self._tokens = _bucket(self.tpm, self.scale, self._largest)
+        self._output = _bucket(self.otpm, self.scale, self._largest_output)
         # A new bucket is empty and would let a whole second's worth through at once,
         # which a server that enforces per second rejects; start it full instead.
-        self._unprimed = {b for b in (self._requests, self._tokens) if b is not None}
+        buckets = (self._requests, self._tokens, self._output)
+        self._unprimed = {b for b in buckets if b is not None}
 
     def pause(self, seconds: float) -> None:
         """Hold every request until `seconds` from now (never shortens a longer pause)."""
@@ -122,7 +128,9 @@ class Limiter:
             low, high = CALIBRATION_BOUNDS
             self.prompt_ratio = min(high, max(low, self._counted / self._estimated))
 
-    async def acquire(self, tokens: int) -> None:
+    async def acquire(self, tokens: int, output: int = 0) -> None:
+        """Wait for the pause, a request slot and `tokens` (of which `output` are the
+        request's max output tokens, counted apart where the server does)."""
         # Not a poll: each sleep lasts exactly until the pause ends; the loop only
         # repeats when another 429 extended the pause meanwhile.
         while (wait := self.paused_for) > 0:  # noqa: ASYNC110
@@ -132,22 +140,22 @@ class Limiter:
             await bucket.acquire(bucket.max_rate)
         if self._requests is not None:
             await self._requests.acquire()
-        if self._tokens is not None:
-            # One request at a time takes its tokens, in arrival order: interleaved,
-            # many requests would complete together and reach the server in a burst.
-            async with self._token_turn:
+        if self._tokens is None and self._output is None:
+            return
+        # One request at a time takes its tokens, in arrival order: interleaved, many
+        # requests would complete together and reach the server in a burst.
+        async with self._token_turn:
+            if self._output is not None:
+                tokens -= output
+                if output > self._largest_output:
+                    self._largest_output = output
+                    self._output = await _grown(self._output, self.otpm, self.scale, output)
+                await _spend(self._output, output)
+            if self._tokens is not None:
                 if tokens > self._largest:
-                    await self._grow(tokens)
+                    self._largest = tokens
+                    self._tokens = await _grown(self._tokens, self.tpm, self.scale, tokens)
                 await _spend(self._tokens, tokens)
-
-    async def _grow(self, tokens: int) -> None:
-        """Make the token bucket hold a request this big; the new one starts full too."""
-        self._largest = tokens
-        assert self._tokens is not None
-        if tokens > self._tokens.max_rate:
-            self._tokens = bucket = _bucket(self.tpm, self.scale, tokens)
-            if bucket is not None:
-                await bucket.acquire(bucket.max_rate)
 
     def has_room(self, tokens: int) -> bool:
         """Whether `tokens` could be spent now without waiting (tests, progress)."""
@@ -204,7 +212,17 @@ class Limiter:
             for kind in _ANTHROPIC_TOKEN_KINDS
             if (limit := _count(headers.get(f"anthropic-ratelimit-{kind}-limit")))
         ]
-        self._lower(limit_requests, min((limit for _, limit in token_limits), default=None))
+        found = dict(token_limits)
+        output = found.get("output-tokens")
+        if output is not None and (self.otpm is None or output < self.otpm):
+            # Input and output are limited apart: each bucket follows its own limit,
+            # rather than both following the smaller (often a fifth of the other).
+            self.otpm = output
+            self._rebuild()
+        token_limit = found.get("input-tokens") if output is not None else None
+        if token_limit is None:
+            token_limit = min(found.values(), default=None)
+        self._lower(limit_requests, token_limit)
         if limit_requests:
             self._wait_for_anthropic(headers, "requests", 1, limit_requests)
         for kind, limit in token_limits:
@@ -233,6 +251,19 @@ class Limiter:
         self.scale = min(1.0, self.scale + RECOVERY_STEP)
         self._changed_at = self._clock()
         self._rebuild()
+
+
+async def _grown(
+    bucket: AsyncLimiter, per_minute: int | None, scale: float, largest: int
+) -> AsyncLimiter:
+    """The bucket, or one that holds a request of `largest` (starting full, too), so a
+    request waits once for its tokens, not once per bucketful."""
+    if largest <= bucket.max_rate:
+        return bucket
+    bigger = _bucket(per_minute, scale, largest)
+    assert bigger is not None
+    await bigger.acquire(bigger.max_rate)
+    return bigger
 
 
 def _bucket(per_minute: int | None, scale: float, largest: float = 1.0) -> AsyncLimiter | None:

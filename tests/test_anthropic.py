@@ -658,7 +658,7 @@ def anthropic_headers(**values: str) -> CIMultiDict[str]:
     return CIMultiDict({f"anthropic-ratelimit-{k.replace('_', '-')}": v for k, v in values.items()})
 
 
-def test_limits_are_learned_from_anthropics_headers_most_restrictive_tokens() -> None:
+def test_input_and_output_limits_are_learned_from_anthropics_headers_apart() -> None:
     limiter = Limiter(rpm=None, tpm=200_000)
 
     limiter.observe(
@@ -673,8 +673,35 @@ def test_limits_are_learned_from_anthropics_headers_most_restrictive_tokens() ->
         tokens=500,
     )
 
-    assert (limiter.rpm, limiter.tpm) == (1000, 90_000)
+    # Input is paced by the job's own 200,000 (under Anthropic's 450,000), output apart.
+    assert (limiter.rpm, limiter.tpm, limiter.otpm) == (1000, 200_000, 90_000)
     assert limiter.paused_for == 0
+
+
+def test_only_a_combined_token_limit_paces_input_and_output_together() -> None:
+    limiter = Limiter(rpm=None, tpm=None)
+
+    limiter.observe(anthropic_headers(requests_limit="50", tokens_limit="40000"), tokens=500)
+
+    assert (limiter.rpm, limiter.tpm, limiter.otpm) == (50, 40_000, None)
+
+
+def test_separate_output_limit_paces_each_side_at_its_own_rate() -> None:
+    """1,000 input/s and 200 output/s: a 100-in, 20-out request fits 10 times a second
+    on each side; charged whole against the output limit it would fit under 2."""
+    headers = anthropic_headers(
+        requests_limit="100000", input_tokens_limit="60000", output_tokens_limit="12000"
+    )
+
+    async def twenty(limiter: Limiter) -> None:
+        for _ in range(20):
+            await limiter.acquire(120, output=20)
+
+    apart = in_virtual_time(twenty, headers=headers)
+    together = in_virtual_time(twenty, tpm=12_000)  # both charged against the smaller
+
+    assert apart == pytest.approx(20 / 9.85, rel=0.1)
+    assert together == pytest.approx(20 * 120 / (200 * 0.985), rel=0.1)
 
 
 @pytest.mark.parametrize(
