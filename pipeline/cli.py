@@ -156,9 +156,15 @@ def _show_rows(plan: Plan, shown: int) -> None:
             for message in prompt.messages:
                 if message["content"] or prompt.file is None:  # no prompt with the file
                     click.echo(f"[{message['role']}] {message['content']}")
+            for image in prompt.images:
+                shown_ref = (
+                    image if len(image) <= 120 else f"{image[:60]}... ({len(image):,} chars)"
+                )
+                click.echo(f"[image] {shown_ref}")
             if prompt.file is not None:
                 click.echo(f"[file] {prompt.file}")
-            plan.endpoint.item(prompt)  # a file that cannot be read fails here, as in a run
+            item = plan.endpoint.item(prompt)  # a file that cannot be read fails here
+            click.echo(f"(about {item.tokens:,} prompt tokens)")
         except Exception as exc:  # a row-level render failure is shown, not raised
             click.echo(f"(this row would fail: {exc})")
 

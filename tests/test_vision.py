@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -243,3 +244,11 @@ def test_the_image_module_imports_on_its_own() -> None:
     done = subprocess.run([sys.executable, "-c", "import pipeline.media"], capture_output=True)
 
     assert done.returncode == 0, done.stderr.decode()
+
+
+def test_validate_shows_each_rows_images_and_its_token_estimate() -> None:
+    result = invoke("validate", SAMPLE, "--simulate", "--rows", "1")
+
+    assert result.exit_code == 0, result.output
+    assert "[image] images/" in result.output
+    assert re.search(r"\(about [\d,]+ prompt tokens\)", result.output), result.output
