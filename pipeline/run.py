@@ -287,14 +287,7 @@ class Runner:
             results: list[RowResult] = []
             for entry in entries:
                 if isinstance(entry, Sending):
-                    work = entry.work
-                    out = (work.tokens - sum(work.weights)) // len(work.rows)
-                    sending.extend(
-                        (row, digest, weight + out)
-                        for row, digest, weight in zip(
-                            work.rows, work.digests, work.weights, strict=True
-                        )
-                    )
+                    sending.extend(_sending(entry.work))
                     waiting.append(entry.recorded)
                 elif isinstance(entry, Outcome):
                     results.extend(self._results(entry))
@@ -316,8 +309,9 @@ class Runner:
 
     def _results(self, outcome: Outcome) -> list[RowResult]:
         """The outcome's rows, and the rows that sent nothing and wait for their answers."""
-        if outcome.answers is not None and any(a.data is not None for a in outcome.answers):
-            outcome.answers = self._save_files(outcome.work, outcome.answers)
+        answers = outcome.answers
+        if answers is not None and any(a.data is not None for a in answers):
+            outcome.answers = self._save_files(outcome.work, answers)
         everyone: list[RowResult] = []
         for result in to_results(outcome, self.plan.pricer):
             if result.error is not None:
@@ -395,6 +389,17 @@ class _ToolRounds:
             work, request=request, tokens=prompt + out, weights=(prompt,), payload=payload
         )
         return following, ran
+
+
+def _sending(work: Work) -> list[tuple[int, int, int]]:
+    """The journal's `sending` records of a request: (row, hash, tokens it may cost)."""
+    if len(work.rows) == 1:
+        return [(work.rows[0], work.digests[0], work.tokens)]
+    out = (work.tokens - sum(work.weights)) // len(work.rows)
+    return [
+        (row, digest, weight + out)
+        for row, digest, weight in zip(work.rows, work.digests, work.weights, strict=True)
+    ]
 
 
 #: Stands for the request of a row that a batching endpoint has yet to pack.
