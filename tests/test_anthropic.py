@@ -42,7 +42,7 @@ from pipeline.spec import RequestSpec, TemplateSpec, ToolSpec
 from pipeline.transport import AiohttpTransport, classify
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "sk-ant-test-0123456789"
+KEY = "test-anthropic-key-0123456789"
 MODEL = "claude-haiku-4-5"
 ANTHROPIC = {"provider": "anthropic", "model": MODEL}
 WEATHER = ToolSpec(
@@ -426,7 +426,7 @@ VERSION = {"anthropic-version": "2023-06-01"}
             VERSION, 401, ("authentication_error", "x-api-key header is required"), id="no-key"
         ),
         pytest.param(
-            {"x-api-key": "sk-ant-wrong", **VERSION},
+            {"x-api-key": "wrong-anthropic-key", **VERSION},
             401,
             ("authentication_error", "invalid x-api-key"),
             id="wrong-key",
@@ -929,12 +929,12 @@ def test_an_overloaded_row_recovers_in_a_run(tmp_path: Path, keyed: Server) -> N
 def test_a_wrong_key_halts_the_run_with_exit_code_4(tmp_path: Path, keyed: Server) -> None:
     job = write_job(tmp_path, rows(40), request=ANTHROPIC, limits={"concurrency": 2})
 
-    result = run_anthropic(job, keyed, "sk-ant-wrong-key-000000")
+    result = run_anthropic(job, keyed, "wrong-anthropic-key-000000")
 
     assert result.exit_code == 4, result.output
     assert "authentication failed (invalid x-api-key)" in result.output
     assert keyed.sim.stats.requests <= 2  # stopped at the first answers, not 40 rows
-    assert "sk-ant-wrong-key-000000" not in result.output
+    assert "wrong-anthropic-key-000000" not in result.output
 
 
 def test_an_unknown_model_halts_naming_it(tmp_path: Path, keyed: Server) -> None:
