@@ -76,13 +76,11 @@ def make_pricer(model: str, override: PriceSpec | None) -> Pricer:
             per_request=override.per_request_usd,
         )
     price = _lookup(model)
-    flat = [price.input_mtok, price.output_mtok, price.cache_read_mtok]
+    rates = [price.input_mtok, price.output_mtok, price.cache_read_mtok, price.cache_write_mtok]
     source = f"genai-prices {genai_prices.__version__}"
-    if not all(
-        v is None or isinstance(v, Decimal | int | float) for v in [*flat, price.cache_write_mtok]
-    ):
+    if any(v is not None and _flat(v) is None for v in rates):
         return Pricer(source=source, input=0, output=0, cached_input=0, tiered=price)
-    input_, output, cached = (float(v) if v is not None else None for v in flat)
+    input_, output, cached, write = (_flat(v) for v in rates)
     audio_hour = price.audio_hours or price.input_audio_hours
     return Pricer(
         source=source,
@@ -91,7 +89,7 @@ def make_pricer(model: str, override: PriceSpec | None) -> Pricer:
         cached_input=(input_ or 0.0) if cached is None else cached,
         audio_input=_flat(price.input_audio_mtok),
         per_audio_second=(_flat(audio_hour) or 0.0) / 3600,
-        cache_write=_flat(price.cache_write_mtok),
+        cache_write=write,
     )
 
 

@@ -186,9 +186,9 @@ class Dispatcher:
         spent = Usage()  # by earlier rounds of a tool loop
         made: list[dict[str, Any]] = []  # the calls those rounds ran, with their results
         while True:
-            prompt = sum(work.weights)
-            charged = self._limiter.charge(work.tokens, prompt)
-            await self._limiter.acquire(charged, output=work.tokens - prompt)
+            estimated = sum(work.weights)  # the prompt's share of work.tokens
+            charged = self._limiter.charge(work.tokens, estimated)
+            await self._limiter.acquire(charged, output=work.tokens - estimated)
             if self.stopped:
                 return None
             sends += 1
@@ -198,21 +198,19 @@ class Dispatcher:
                 self._same_error = ("", 0)
                 self._limiter.recovered()
                 answers = outcome.answers or []
-                prompt = sum(a.usage.prompt_tokens for a in answers)
-                self._limiter.calibrate(sum(work.weights), prompt)
-                actual = prompt + sum(a.usage.completion_tokens for a in answers)
+                counted = sum(a.usage.prompt_tokens for a in answers)
+                self._limiter.calibrate(estimated, counted)
+                actual = counted + sum(a.usage.completion_tokens for a in answers)
                 await self._limiter.settle(charged, actual)
                 if self._tools is None:
                     return outcome
                 answer = _with_usage(answers[0], spent)
+                outcome.answers = [answer]
                 if not answer.extra.get("tool_calls"):
                     if made:  # the final answer: the calls that led to it go with it
-                        answer = dataclasses.replace(
-                            answer, extra={**answer.extra, "tool_calls": made}
-                        )
-                    outcome.answers = [answer]
+                        extra = {**answer.extra, "tool_calls": made}
+                        outcome.answers = [dataclasses.replace(answer, extra=extra)]
                     return outcome
-                outcome.answers = [answer]
                 if rounds >= self._tools.max_rounds:
                     outcome.failure = ResponseInvalid(
                         f"the model still called tools after {rounds} rounds "

@@ -12,8 +12,11 @@ header without decoding the pixels.
 from __future__ import annotations
 
 import base64
+import binascii
+import io
 import math
 import mimetypes
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +71,15 @@ def _problem(message: str) -> ValueError:
     return RowProblem(message)
 
 
-def _inspect(raw: bytes, path: Path) -> tuple[tuple[int, int], str]:
-    import io
+def load_images(
+    references: Sequence[str], base_dir: Path, detail: str, model: str
+) -> tuple[list[ImageRef], int]:
+    """Each referenced image, and the prompt tokens they cost on an OpenAI model."""
+    images = [load_image(reference, base_dir) for reference in references]
+    return images, sum(image_tokens(image.size, detail, model) for image in images)
 
+
+def _inspect(raw: bytes, path: Path) -> tuple[tuple[int, int], str]:
     try:
         with Image.open(io.BytesIO(raw)) as image:
             size, kind = image.size, image.format
@@ -83,9 +92,6 @@ def _inspect(raw: bytes, path: Path) -> tuple[tuple[int, int], str]:
 
 
 def _size_of_base64(data: str) -> tuple[int, int] | None:
-    import binascii
-    import io
-
     try:
         with Image.open(io.BytesIO(base64.b64decode(data, validate=False))) as image:
             return image.size

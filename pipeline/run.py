@@ -233,7 +233,6 @@ class Runner:
         )
         renderer, endpoint = self.plan.renderer, self.plan.endpoint
         extra_tokens = endpoint.max_output_tokens()
-        one_row = endpoint.batch_rows == 1
         works: list[Work] = []
         ready: list[Entry] = []
         for row in batch.iter_rows(named=True):
@@ -245,11 +244,10 @@ class Runner:
             except (NullValue, RenderFailed, RowProblem) as exc:
                 ready.append(rejected(index, RowRejected(str(exc))))
                 continue
-            request = self._request([item.payload]) if one_row else _UNSENT
             works.append(
                 Work(
                     rows=(index,),
-                    request=request,
+                    request=_UNSENT,
                     tokens=item.tokens + extra_tokens,
                     digests=(_digest(item.key),),
                     weights=(item.tokens,),
@@ -264,6 +262,9 @@ class Runner:
                 if w.digests[0] in answered
             )
             works = [w for w in works if w.digests[0] not in answered]
+        if endpoint.batch_rows == 1:  # encoded only for rows that will be sent
+            for work in works:
+                work.request = self._request([work.payload])
         return works, ready
 
     async def _write(self, tg: asyncio.TaskGroup) -> None:

@@ -42,10 +42,18 @@ from typing import Any
 
 import orjson
 
-from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, RowProblem, Usage
+from pipeline.endpoints.base import (
+    Answer,
+    Endpoint,
+    Item,
+    Prompt,
+    RowProblem,
+    Usage,
+    definition_tokens,
+)
 from pipeline.errors import SpecError
 from pipeline.media import anthropic_image_tokens, load_image
-from pipeline.render import estimate_text_tokens, estimate_tokens
+from pipeline.render import estimate_tokens
 from pipeline.spec import RequestSpec, ToolSpec
 
 #: Anthropic requires max_tokens; this is what is sent when the job sets none. Bulk
@@ -75,7 +83,6 @@ _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 class AnthropicMessages(Endpoint):
     path = "/messages"
-    kind = "messages"
 
     def __init__(
         self, spec: RequestSpec, schema: dict[str, Any] | None, *, base_dir: Path = Path(".")
@@ -302,9 +309,7 @@ def _tool_choice(choice: str) -> dict[str, Any]:
 
 def _tool_tokens(tools: Any) -> int:
     """The tools' definitions and the tool-use system prompt, as prompt tokens."""
-    if not tools:
-        return 0
-    return TOOL_PROMPT_TOKENS + estimate_text_tokens(orjson.dumps(tools).decode())
+    return TOOL_PROMPT_TOKENS + definition_tokens(tools) if tools else 0
 
 
 def _usage(raw: Mapping[str, Any]) -> Usage:

@@ -72,7 +72,6 @@ class Form:
 
 class AudioTranscriptions(Endpoint):
     path = "/audio/transcriptions"
-    kind = "audio.transcriptions"
 
     def __init__(self, spec: RequestSpec, template: TemplateSpec, base_dir: Path) -> None:
         _check_job(spec, template)

@@ -12,6 +12,8 @@ about sockets, retries or rate limits.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from typing import Any
 import orjson
 
 from pipeline.render import Prompt as Prompt
-from pipeline.render import estimate_tokens
+from pipeline.render import estimate_text_tokens
 
 JSON = "application/json"
 
@@ -102,8 +104,6 @@ class RowProblem(ValueError):
 class Endpoint(ABC):
     #: The path under the base URL, e.g. "/chat/completions".
     path: str
-    #: The job's `endpoint` value this adapter serves.
-    kind: str = ""
     #: Rows one request may carry (embeddings: many), and their token budget.
     batch_rows: int = 1
     batch_tokens: int = 0
@@ -116,18 +116,9 @@ class Endpoint(ABC):
     #: Relative file references (images, audio) resolve against this folder.
     base_dir: Path = Path(".")
 
+    @abstractmethod
     def item(self, prompt: Prompt) -> Item:
         """The row's part of a request. Raise RowProblem if the row cannot be sent."""
-        body = self.body(prompt)
-        encoded = orjson.dumps(body)
-        return Item(body, self.prompt_tokens(prompt), encoded)
-
-    def body(self, prompt: Prompt) -> dict[str, Any]:
-        """The JSON body of a one-row request."""
-        raise NotImplementedError(f"{type(self).__name__} builds its items itself")
-
-    def prompt_tokens(self, prompt: Prompt) -> int:
-        return estimate_tokens(prompt.messages)
 
     def encode(self, payloads: Sequence[Any]) -> tuple[bytes, str]:
         """The request body for these rows' payloads, and its content type."""
@@ -169,34 +160,26 @@ class Endpoint(ABC):
 def split_usage(usage: Usage, weights: Sequence[int]) -> list[Usage]:
     """A batch request's usage shared among its rows, in proportion to `weights`.
 
-    The shares add up to the whole exactly, so per-row costs add up to the bill.
+    Each row gets the rounded-down difference of the running shares, so the parts add
+    up to the whole exactly, field by field, and per-row costs add up to the bill.
     """
-    total = sum(weights) or len(weights)
-    shares: list[Usage] = []
-    given = Usage()
-    for index, weight in enumerate(weights):
-        if index == len(weights) - 1:
-            shares.append(
-                Usage(
-                    usage.prompt_tokens - given.prompt_tokens,
-                    usage.completion_tokens - given.completion_tokens,
-                    usage.cached_tokens - given.cached_tokens,
-                )
-            )
-            break
-        share = (weight or 1) / total
-        part = Usage(
-            int(usage.prompt_tokens * share),
-            int(usage.completion_tokens * share),
-            int(usage.cached_tokens * share),
-        )
-        given = Usage(
-            given.prompt_tokens + part.prompt_tokens,
-            given.completion_tokens + part.completion_tokens,
-            given.cached_tokens + part.cached_tokens,
-        )
-        shares.append(part)
+    if not sum(weights):
+        weights = [1] * len(weights)
+    total = sum(weights)
+    whole = dataclasses.asdict(usage)
+    shares = []
+    before = dict.fromkeys(whole, 0)
+    for upto in itertools.accumulate(weights):
+        now = {n: v * upto // total if isinstance(v, int) else v * upto / total
+               for n, v in whole.items()}  # fmt: skip
+        shares.append(Usage(**{n: now[n] - before[n] for n in whole}))
+        before = now
     return shares
+
+
+def definition_tokens(definitions: Any) -> int:
+    """Prompt tokens of JSON the server adds to every prompt (tool definitions)."""
+    return estimate_text_tokens(orjson.dumps(definitions).decode()) if definitions else 0
 
 
 def with_image_parts(

@@ -13,10 +13,18 @@ from typing import Any
 
 import orjson
 
-from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, Usage, with_image_parts
+from pipeline.endpoints.base import (
+    Answer,
+    Endpoint,
+    Item,
+    Prompt,
+    Usage,
+    definition_tokens,
+    with_image_parts,
+)
 from pipeline.endpoints.tools import chat_tool_choice, chat_tools
-from pipeline.media import image_tokens, load_image
-from pipeline.render import estimate_text_tokens, estimate_tokens
+from pipeline.media import load_images
+from pipeline.render import estimate_tokens
 from pipeline.spec import RequestSpec
 
 #: What a server lets a completion run to when max_tokens is not set; the TPM limiter
@@ -26,7 +34,6 @@ DEFAULT_MAX_OUTPUT_TOKENS = 1024
 
 class ChatCompletions(Endpoint):
     path = "/chat/completions"
-    kind = "chat.completions"
 
     def __init__(
         self,
@@ -42,21 +49,21 @@ class ChatCompletions(Endpoint):
         self.base_dir = base_dir
         self._detail = image_detail
         # Servers count the tools' definitions as prompt, in every request.
-        tools = self._static.get("tools")
-        self._tools_tokens = estimate_text_tokens(orjson.dumps(tools).decode()) if tools else 0
+        self._tools_tokens = definition_tokens(self._static.get("tools"))
 
     def item(self, prompt: Prompt) -> Item:
         messages: list[dict[str, Any]] = prompt.messages
         tokens = estimate_tokens(prompt.messages) + self._tools_tokens
         if prompt.images:
-            parts: list[dict[str, Any]] = []
-            for reference in prompt.images:
-                image = load_image(reference, self.base_dir)
-                parts.append(
-                    {"type": "image_url", "image_url": {"url": image.url, "detail": self._detail}}
-                )
-                tokens += image_tokens(image.size, self._detail, self._spec.model)
+            images, image_tokens = load_images(
+                prompt.images, self.base_dir, self._detail, self._spec.model
+            )
+            parts = [
+                {"type": "image_url", "image_url": {"url": i.url, "detail": self._detail}}
+                for i in images
+            ]
             messages = with_image_parts(messages, parts, "text")
+            tokens += image_tokens
         body = orjson.dumps({"model": self._spec.model, "messages": messages, **self._static})
         return Item(body, tokens, body)
 

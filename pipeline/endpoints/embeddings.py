@@ -29,7 +29,6 @@ MAX_INPUT_TOKENS = 8_192
 
 class Embeddings(Endpoint):
     path = "/embeddings"
-    kind = "embeddings"
     answer_column = "embedding"
     batch_tokens = BATCH_TOKENS
 

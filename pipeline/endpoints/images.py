@@ -51,7 +51,6 @@ IMAGE_OUTPUT_TOKENS = {
 
 class ImageGenerations(Endpoint):
     path = "/images/generations"
-    kind = "images.generations"
     answer_column = "image_path"
 
     def __init__(self, spec: RequestSpec, template: TemplateSpec) -> None:

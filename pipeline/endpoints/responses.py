@@ -31,10 +31,18 @@ from typing import Any
 
 import orjson
 
-from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, Usage, with_image_parts
+from pipeline.endpoints.base import (
+    Answer,
+    Endpoint,
+    Item,
+    Prompt,
+    Usage,
+    definition_tokens,
+    with_image_parts,
+)
 from pipeline.endpoints.chat import DEFAULT_MAX_OUTPUT_TOKENS
 from pipeline.errors import AnswerFiltered, ReadFailed, ResponseInvalid, SpecError
-from pipeline.media import image_tokens, load_image
+from pipeline.media import load_images
 from pipeline.render import estimate_tokens
 from pipeline.spec import RequestSpec, ToolSpec
 
@@ -59,7 +67,6 @@ _NOT_TAKEN = {
 
 class Responses(Endpoint):
     path = "/responses"
-    kind = "responses"
 
     def __init__(
         self,
@@ -72,22 +79,24 @@ class Responses(Endpoint):
         _refuse_chat_only(spec)
         self._spec = spec
         self._static = _static_fields(spec, schema)
+        # Servers count the tools' definitions as prompt, in every request.
+        self._tools_tokens = definition_tokens(self._static.get("tools"))
         self.base_dir = base_dir
         self._detail = image_detail
 
     def item(self, prompt: Prompt) -> Item:
         instructions, messages = _split_instructions(prompt.messages)
-        tokens = estimate_tokens(prompt.messages)
+        tokens = estimate_tokens(prompt.messages) + self._tools_tokens
         items: list[dict[str, Any]] = [dict(m) for m in messages]
         if prompt.images:
-            parts: list[dict[str, Any]] = []
-            for reference in prompt.images:
-                image = load_image(reference, self.base_dir)
-                parts.append(
-                    {"type": "input_image", "image_url": image.url, "detail": self._detail}
-                )
-                tokens += image_tokens(image.size, self._detail, self._spec.model)
+            images, image_tokens = load_images(
+                prompt.images, self.base_dir, self._detail, self._spec.model
+            )
+            parts = [
+                {"type": "input_image", "image_url": i.url, "detail": self._detail} for i in images
+            ]
             items = with_image_parts(items, parts, "input_text")
+            tokens += image_tokens
         body: dict[str, Any] = {"model": self._spec.model}
         if instructions is not None:
             body["instructions"] = instructions
