@@ -51,7 +51,7 @@ import threading
 import time
 import uuid
 from array import array
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
 from types import TracebackType
@@ -228,6 +228,29 @@ def _error_body(
 
 def _invalid(message: str, param: str | None = None, code: str | None = None) -> _ApiError:
     return _ApiError(400, _error_body(message, "invalid_request_error", code, param))
+
+
+def _not_one_of(value: object, allowed: Sequence[str], param: str) -> _ApiError:
+    """The API's 400 for a value outside an enumeration, listing the allowed ones."""
+    listed = [f"'{a}'" for a in allowed]
+    said = listed[0] if len(listed) == 1 else f"{', '.join(listed[:-1])}, and {listed[-1]}"
+    return _invalid(
+        f"Invalid value: '{value}'. Supported values are: {said}.", param, "invalid_value"
+    )
+
+
+def _bad_name(param: str) -> _ApiError:
+    """The API's 400 for a function name outside ^[a-zA-Z0-9_-]+$ (1 to 64 characters)."""
+    return _invalid(
+        f"Invalid '{param}': string does not match pattern. Expected a string that matches "
+        "the pattern '^[a-zA-Z0-9_-]+$'.",
+        param,
+        "invalid_value",
+    )
+
+
+#: What a function (tool) name may be, on every API.
+FUNCTION_NAME: Final = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
 def _missing(param: str) -> _ApiError:
@@ -440,14 +463,11 @@ class _Limits:
 
     def headers(self) -> dict[str, str]:
         """The x-ratelimit-* headers for the buckets as they stand now."""
-        now = self._clock()
         out: dict[str, str] = {}
-        for name, bucket in (("requests", self._requests), ("tokens", self._tokens)):
-            if bucket is not None:
-                bucket.refill(now)
-                out[f"x-ratelimit-limit-{name}"] = str(int(bucket.capacity))
-                out[f"x-ratelimit-remaining-{name}"] = str(max(int(bucket.level), 0))
-                out[f"x-ratelimit-reset-{name}"] = _go_duration(bucket.until_full())
+        for name, bucket in self.levels():
+            out[f"x-ratelimit-limit-{name}"] = str(int(bucket.capacity))
+            out[f"x-ratelimit-remaining-{name}"] = str(max(int(bucket.level), 0))
+            out[f"x-ratelimit-reset-{name}"] = _go_duration(bucket.until_full())
         return out
 
     def levels(self) -> Iterator[tuple[str, _Bucket]]:
@@ -718,7 +738,7 @@ def _parse_chat(payload: dict[str, Any]) -> _ChatJob:
             "stream",
             "unsupported_parameter",
         )
-    if _REASONING_MODEL.match(model) and "max_tokens" in payload:
+    if _is_reasoning(model) and "max_tokens" in payload:
         raise _invalid(
             "Unsupported parameter: 'max_tokens' is not supported with this model. "
             "Use 'max_completion_tokens' instead.",
@@ -1122,10 +1142,8 @@ class Simulator:
         )
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
-        data = [_model_object(*m) for m in _MODELS]
-        return await self._guarded(
-            request, lambda started: self._ok({"object": "list", "data": data}, started)
-        )
+        listing = {"object": "list", "data": [_model_object(*m) for m in _MODELS]}
+        return await self._guarded(request, lambda started: self._ok(listing, started))
 
     async def _model(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["model"]
@@ -1226,26 +1244,28 @@ class Simulator:
         bytes that identify it for `by_body` and directives."""
         body, form = (await _read(request), None) if load is None else await load(request)
         digest = sha256(body).digest()
-        count = self._count(body, digest)
+        marked = _DIRECTIVE_MARK in body  # one scan of a body that may be megabytes
+        count = self._count(digest, marked)
         job = parse(_load_json(body) if form is None else form)
-        kind = _directive(job.directive_text, count) if _DIRECTIVE_MARK in body else None
+        kind = _directive(job.directive_text, count) if marked else None
         retry_ms = _DIRECTIVE_RETRY_MS
         if kind is None:
             self._limits.admit(job.cost, job.model)
             kind, retry_ms = self._draw_fault(), _FAULT_RETRY_MS
         await self._delay()
         if kind is None:
-            payload = orjson.dumps(answer(job, digest))
-            self.stats.ok += 1
-            return self._reply(200, payload, started)
+            return await self._ok(answer(job, digest), started)
         if kind not in _TRANSPORT_KINDS:
             raise _canned(kind, job.model, retry_ms)
         self.stats.faults += 1
         return await self._misbehave(request, kind, started, lambda: answer(job, digest))
 
-    def _count(self, body: bytes, digest: bytes) -> int:
-        """Record the body in `by_body`; the times it has been received, this one included."""
-        if not self.config.track_bodies and _DIRECTIVE_MARK not in body:
+    def _count(self, digest: bytes, marked: bool) -> int:
+        """Record the body in `by_body`; the times it has been received, this one included.
+
+        Untracked bodies count once, unless they carry a directive (`marked`), whose
+        `:N` needs the count."""
+        if not self.config.track_bodies and not marked:
             return 1
         key = digest.hex()
         by_body = self.stats.by_body
@@ -1352,15 +1372,25 @@ class Simulator:
 
     def _cached(self, job: _ChatJob) -> int:
         """Half the prompt, in 128-token steps, once the same system prompt was answered."""
-        if job.prompt_tokens < _CACHE_MIN_PROMPT:
+        return self.cached_share(job.messages[0], job.prompt_tokens)
+
+    def cached_share(self, prefix: Any, prompt_tokens: int) -> int:
+        """OpenAI's caching: half the prompt, in 128-token steps, once a request with
+        the same `prefix` (a JSON-able leading part) was answered; 0 the first time."""
+        if prompt_tokens < _CACHE_MIN_PROMPT:
             return 0
-        key = hash(orjson.dumps(job.messages[0], option=orjson.OPT_SORT_KEYS))
+        key = hash(orjson.dumps(prefix, option=orjson.OPT_SORT_KEYS))
+        return (prompt_tokens // 2) // _CACHE_STEP * _CACHE_STEP if self.seen(key) else 0
+
+    def seen(self, key: int) -> bool:
+        """Whether a cache prefix was seen before; remember it. The set is forgotten
+        when it grows past _CACHE_MAX_PREFIXES, so a long run cannot grow the server."""
         if key in self._cached_prefixes:
-            return (job.prompt_tokens // 2) // _CACHE_STEP * _CACHE_STEP
+            return True
         if len(self._cached_prefixes) >= _CACHE_MAX_PREFIXES:
             self._cached_prefixes.clear()
         self._cached_prefixes.add(key)
-        return 0
+        return False
 
     def _embedding_answer(self, job: _EmbeddingJob, digest: bytes) -> dict[str, Any]:
         data = []

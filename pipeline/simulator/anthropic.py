@@ -39,8 +39,8 @@ import orjson
 from aiohttp import web
 
 from pipeline.simulator import (
-    _CACHE_MAX_PREFIXES,
     _RATE_LIMIT_DOCS,
+    FUNCTION_NAME,
     Simulator,
     _ApiError,
     _ceil4,
@@ -59,7 +59,7 @@ _IMAGE_TOKENS: Final = 1600
 #: The system prompt Anthropic adds when tools are offered.
 _TOOL_PROMPT_TOKENS: Final = 346
 _IMAGE_TYPES: Final = ("image/jpeg", "image/png", "image/gif", "image/webp")
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
 _FIELDS: Final = frozenset(
     {
         "model", "messages", "max_tokens", "system", "temperature", "top_p", "top_k",
@@ -281,7 +281,7 @@ def _tools(raw: Any, prefix: _Prefix) -> tuple[dict[str, Any], ...]:
             raise _invalid(f"{where}: Input should be a valid dictionary")
         if tool.get("type", "custom") == "custom":
             name = tool.get("name")
-            if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
                 raise _invalid(
                     f"{where}.name: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'"
                 )
@@ -524,13 +524,9 @@ class _Messages:
         ttl = "5m"
         if job.cache is not None and job.cache[0] >= _CACHE_MIN_TOKENS:
             tokens, key, ttl = job.cache
-            cached = self._sim._cached_prefixes
-            if hash(key) in cached:
+            if self._sim.seen(hash(key)):
                 read = tokens
             else:
-                if len(cached) >= _CACHE_MAX_PREFIXES:
-                    cached.clear()
-                cached.add(hash(key))
                 written = tokens
         return {
             "input_tokens": job.prompt_tokens - read - written,

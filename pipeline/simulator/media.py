@@ -37,6 +37,7 @@ from pipeline.simulator import (
     _invalid,
     _missing,
     _model,
+    _not_one_of,
     _positive_int,
     _sentence_tokens,
     _wrong_type,
@@ -186,10 +187,7 @@ def _choice(payload: dict[str, Any], name: str, valid: tuple[str, ...], default:
     if value is None:
         return default
     if value not in valid:
-        listed = ", ".join(f"'{v}'" for v in valid[:-1]) + f", and '{valid[-1]}'"
-        raise _invalid(
-            f"Invalid value: '{value}'. Supported values are: {listed}.", name, "invalid_value"
-        )
+        raise _not_one_of(value, valid, name)
     return str(value)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import random
 import re
-import string
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -40,12 +39,11 @@ import orjson
 from aiohttp import web
 
 from pipeline.simulator import (
-    _CACHE_MAX_PREFIXES,
-    _CACHE_MIN_PROMPT,
-    _CACHE_STEP,
     _REASONING_TOKENS,
     DEFAULT_COMPLETION_COST,
+    FUNCTION_NAME,
     Simulator,
+    _bad_name,
     _ceil4,
     _content_text,
     _fake_json,
@@ -53,13 +51,14 @@ from pipeline.simulator import (
     _is_reasoning,
     _missing,
     _model,
+    _not_one_of,
     _schema_answer,
     _sentence_tokens,
     _strict_problem,
     _text_tokens,
     _wrong_type,
 )
-from pipeline.simulator.tools import tools_tokens
+from pipeline.simulator.tools import call_id, tools_tokens
 from pipeline.simulator.vision import REMOTE_SIZE, ImageProblem, image_part_tokens, tokens_for
 
 #: CreateResponse's parameters in the OpenAPI description; any other is a 400.
@@ -89,7 +88,6 @@ _DETAILS: Final = ("low", "high", "auto", "original")
 _TOOL_CHOICES: Final = ("none", "auto", "required")
 _FORMATS: Final = ("text", "json_object", "json_schema")
 _MIN_OUTPUT_TOKENS: Final = 16
-_TOOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _OUTCOME: Final = re.compile(r"<<sim:(refusal|failed|failedserver|filtered)>>")
 _REFUSAL: Final = "I'm sorry, but I can't help with that request."
 _FAILURES: Final = {
@@ -103,7 +101,6 @@ _FAILURES: Final = {
     ),
 }
 _NO_PARAMETERS: Final = {"type": "object", "properties": {}}
-_ID_CHARS: Final = string.ascii_letters + string.digits
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,12 +318,7 @@ def _message(item: Mapping[str, Any], where: str) -> None:
     if role is None:
         raise _missing(f"{where}.role")
     if role not in _ROLES:
-        raise _invalid(
-            f"Invalid value: '{role}'. Supported values are: 'assistant', 'system', "
-            "'developer', and 'user'.",
-            f"{where}.role",
-            "invalid_value",
-        )
+        raise _not_one_of(role, _ROLES, f"{where}.role")
     content = item.get("content")
     if content is None:
         raise _missing(f"{where}.content")
@@ -344,12 +336,7 @@ def _part(part: Any, allowed: tuple[str, ...], where: str) -> None:
         raise _wrong_type(where, "an object", part)
     kind = part.get("type")
     if kind not in allowed:
-        raise _invalid(
-            f"Invalid value: '{kind}'. Supported values are: "
-            f"{' and '.join(repr(a) for a in allowed)}.",
-            f"{where}.type",
-            "invalid_value",
-        )
+        raise _not_one_of(kind, allowed, f"{where}.type")
     if kind in ("input_text", "output_text"):
         _string(part, "text", where)
     elif kind == "refusal":
@@ -375,12 +362,7 @@ def _image(part: Mapping[str, Any], where: str) -> None:
     if detail is None:
         raise _missing(f"{where}.detail")
     if detail not in _DETAILS:
-        raise _invalid(
-            f"Invalid value: '{detail}'. Supported values are: 'low', 'high', 'auto' and "
-            "'original'.",
-            f"{where}.detail",
-            "invalid_value",
-        )
+        raise _not_one_of(detail, _DETAILS, f"{where}.detail")
 
 
 def _check_calls_paired(items: list[dict[str, Any]]) -> None:
@@ -424,12 +406,7 @@ def _text_format(
         raise _wrong_type("text.format", "an object", fmt)
     kind = fmt.get("type")
     if kind not in _FORMATS:
-        raise _invalid(
-            f"Invalid value: '{kind}'. Supported values are: 'text', 'json_object' and "
-            "'json_schema'.",
-            "text.format.type",
-            "invalid_value",
-        )
+        raise _not_one_of(kind, _FORMATS, "text.format.type")
     if kind == "json_schema":
         _check_schema_format(fmt)
     if kind == "json_object" and not _mentions_json(instructions, items):
@@ -482,13 +459,8 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
             "invalid_value",
         )
     name = _string(tool, "name", where)
-    if not _TOOL_NAME.match(name):
-        raise _invalid(
-            f"Invalid '{where}.name': string does not match pattern. Expected a string that "
-            "matches the pattern '^[a-zA-Z0-9_-]+$'.",
-            f"{where}.name",
-            "invalid_value",
-        )
+    if not FUNCTION_NAME.fullmatch(name):
+        raise _bad_name(f"{where}.name")
     parameters = tool.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise _wrong_type(f"{where}.parameters", "an object", parameters)
@@ -671,7 +643,7 @@ def _output_item(
             "status": status,
             # Drawn from the body's stream, not counted: the call id goes back in the next
             # request, whose answer then stays a pure function of the seed and the rows.
-            "call_id": "call_" + "".join(rng.choices(_ID_CHARS, k=24)),
+            "call_id": call_id(rng),
             "name": tool["name"],
             "arguments": text,
         }
@@ -705,19 +677,10 @@ def _usage(sim: Simulator, job: ResponsesJob, output: int, reasoning: int) -> di
 
 
 def _cached(sim: Simulator, job: ResponsesJob) -> int:
-    """Half the prompt, in 128-token steps, once the same instructions (or, without
-    them, the same first input item) were answered: the prefix a cache would hold."""
-    if job.prompt_tokens < _CACHE_MIN_PROMPT:
-        return 0
+    """The cached share, once the same instructions (or, without them, the same first
+    input item) were answered: the prefix a cache would hold."""
     prefix = job.items[0] if job.instructions is None else job.instructions
-    key = hash(orjson.dumps(prefix, option=orjson.OPT_SORT_KEYS))
-    seen = sim._cached_prefixes
-    if key in seen:
-        return (job.prompt_tokens // 2) // _CACHE_STEP * _CACHE_STEP
-    if len(seen) >= _CACHE_MAX_PREFIXES:
-        seen.clear()
-    seen.add(key)
-    return 0
+    return sim.cached_share(prefix, job.prompt_tokens)
 
 
 def _response(

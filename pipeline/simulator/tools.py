@@ -18,7 +18,6 @@ the assistant message before it, and every call must be answered.
 from __future__ import annotations
 
 import random
-import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,9 +25,18 @@ from typing import Any, Final
 
 import orjson
 
-from pipeline.simulator import _ApiError, _fake_json, _invalid, _missing, _wrong_type
+from pipeline.simulator import (
+    FUNCTION_NAME,
+    _ApiError,
+    _bad_name,
+    _ceil4,
+    _fake_json,
+    _invalid,
+    _missing,
+    _not_one_of,
+    _wrong_type,
+)
 
-_NAME: Final = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _CHOICES: Final = ("none", "auto", "required")
 _ID_CHARS: Final = string.ascii_letters + string.digits
 
@@ -55,7 +63,7 @@ class ToolCall:
                 "invalid_function_parameters",
             ) from None
         finish = "stop" if self.forced else "tool_calls"
-        tokens = -(-len(arguments) // 4) + 1
+        tokens = _ceil4(len(arguments)) + 1
         if max_tokens is not None and tokens > max_tokens:
             # Cut mid-arguments, as the real API cuts a long call: the JSON is broken.
             arguments, tokens, finish = (
@@ -64,7 +72,7 @@ class ToolCall:
                 "length",
             )
         call = {
-            "id": "call_" + "".join(rng.choices(_ID_CHARS, k=24)),
+            "id": call_id(rng),
             "type": "function",
             "function": {"name": self.name, "arguments": arguments},
         }
@@ -102,7 +110,7 @@ def tool_to_call(payload: Mapping[str, Any], messages: list[dict[str, Any]]) -> 
 def tools_tokens(payload: Mapping[str, Any]) -> int:
     """What the offered tools add to the prompt: about four bytes of their JSON a token."""
     tools = payload.get("tools")
-    return -(-len(orjson.dumps(tools)) // 4) if tools else 0
+    return _ceil4(len(orjson.dumps(tools))) if tools else 0
 
 
 def _tools(raw: Any) -> list[dict[str, Any]]:
@@ -123,25 +131,15 @@ def _tools(raw: Any) -> list[dict[str, Any]]:
         if not isinstance(tool, dict):
             raise _wrong_type(f"tools[{i}]", "an object", tool)
         if tool.get("type") != "function":
-            raise _invalid(
-                f"Invalid value: '{tool.get('type')}'. Supported values are: 'function' and "
-                "'custom'.",
-                f"tools[{i}].type",
-                "invalid_value",
-            )
+            raise _not_one_of(tool.get("type"), ("function", "custom"), f"tools[{i}].type")
         function = tool.get("function")
         if not isinstance(function, dict):
             raise _missing(f"tools[{i}].function")
         name = function.get("name")
         if name is None:
             raise _missing(f"tools[{i}].function.name")
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise _invalid(
-                f"Invalid 'tools[{i}].function.name': string does not match pattern. Expected "
-                "a string that matches the pattern '^[a-zA-Z0-9_-]+$'.",
-                f"tools[{i}].function.name",
-                "invalid_value",
-            )
+        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+            raise _bad_name(f"tools[{i}].function.name")
         parameters = function.get("parameters")
         if parameters is not None and not isinstance(parameters, dict):
             raise _wrong_type(f"tools[{i}].function.parameters", "an object", parameters)
@@ -154,11 +152,7 @@ def _named(choice: Any, tools: list[dict[str, Any]]) -> dict[str, Any] | None:
     if choice is None or choice in _CHOICES:
         return None
     if isinstance(choice, str):
-        raise _invalid(
-            f"Invalid value: '{choice}'. Supported values are: 'none', 'auto', and 'required'.",
-            "tool_choice",
-            "invalid_value",
-        )
+        raise _not_one_of(choice, _CHOICES, "tool_choice")
     if not isinstance(choice, dict) or choice.get("type") != "function":
         raise _wrong_type("tool_choice", "a string or a function tool choice object", choice)
     name = (choice.get("function") or {}).get("name")
@@ -227,3 +221,9 @@ def _unanswered(waiting: Mapping[str, int]) -> _ApiError:
         + ", ".join(waiting),
         f"messages.[{index}].role",
     )
+
+
+def call_id(rng: random.Random) -> str:
+    """A tool call's id as OpenAI writes them ("call_" + 24 letters and digits), drawn
+    from the answer's own random stream so the same request gets the same id."""
+    return "call_" + "".join(rng.choices(_ID_CHARS, k=24))
