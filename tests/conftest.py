@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -41,10 +42,17 @@ class Server:
     sim: Simulator
 
 
+@contextlib.contextmanager
+def serving(**config: Any) -> Iterator[Server]:
+    """A simulator with these SimConfig settings, in a thread, on a loopback port."""
+    with running_in_thread(SimConfig(**config)) as (url, simulator):
+        yield Server(url, simulator)
+
+
 @pytest.fixture
 def sim() -> Iterator[Server]:
-    with running_in_thread(SimConfig()) as (url, simulator):
-        yield Server(url, simulator)
+    with serving() as server:
+        yield server
 
 
 def toml_value(value: Any) -> str:

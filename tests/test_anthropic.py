@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import Server, in_virtual_time, invoke, read_output, run_job, write_job
+from conftest import Server, in_virtual_time, invoke, read_output, run_job, serving, write_job
 from genai_prices import Usage as PriceUsage
 from genai_prices import calc_price
 from jsonschema import Draft202012Validator
@@ -69,8 +69,8 @@ FACTS = {
 @pytest.fixture
 def keyed() -> Iterator[Server]:
     """A simulator that wants KEY, in Anthropic's `x-api-key` on /v1/messages."""
-    with running_in_thread(SimConfig(api_key=KEY)) as (url, simulator):
-        yield Server(url, simulator)
+    with serving(api_key=KEY) as server:
+        yield server
 
 
 def endpoint(schema: dict[str, Any] | None = None, **request: Any) -> Endpoint:

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Server, invoke, read_output, write_job
+from conftest import Server, invoke, read_output, serving, write_job
 
 from pipeline.dispatch import SAME_ERROR_HALT
 from pipeline.limits import Limiter
@@ -25,8 +25,8 @@ AZURE = {"provider": "azure", "api_version": "2024-10-21"}
 @pytest.fixture
 def keyed() -> Iterator[Server]:
     """A simulator that wants KEY: in Azure's `api-key` header on the Azure routes."""
-    with running_in_thread(SimConfig(api_key=KEY)) as (url, simulator):
-        yield Server(url, simulator)
+    with serving(api_key=KEY) as server:
+        yield server
 
 
 def rows(n: int, text: str = "") -> list[dict[str, object]]:

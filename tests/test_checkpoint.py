@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import signal
@@ -9,12 +10,11 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import Server, invoke, read_output, run_job, spawn_run, write_job
+from conftest import Server, invoke, read_output, run_job, serving, spawn_run, write_job
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -49,10 +49,8 @@ def wait_until_committed(journal: Path, rows: int) -> None:
         time.sleep(0.05)
 
 
-@contextmanager
-def slow_server(latency_ms: float = 100) -> Iterator[Server]:
-    with running_in_thread(SimConfig(latency_ms=latency_ms)) as (url, sim):
-        yield Server(url, sim)
+def slow_server(latency_ms: float = 100) -> contextlib.AbstractContextManager[Server]:
+    return serving(latency_ms=latency_ms)
 
 
 def test_sigint_drains_in_flight_writes_the_output_and_exits_130(tmp_path: Path) -> None:
@@ -236,7 +234,7 @@ def test_resume_after_any_prefix_equals_an_uninterrupted_run(
     assert actual.equals(expected)
 
 
-@contextmanager
+@contextlib.contextmanager
 def small_disk(path: Path, mib: int) -> Iterator[Path]:
     """A tmpfs of `mib` MiB at `path`, to fill up; skips where mounting is not allowed."""
     path.mkdir()

@@ -204,11 +204,13 @@ def test_a_job_the_endpoint_cannot_send_is_refused_before_sending(
 # --- the simulator's endpoint ----------------------------------------------------------
 
 
-async def post_image(body: dict[str, Any], config: SimConfig | None = None) -> list[Any]:
-    """[(status, JSON answer)] for the body posted once, then again."""
+async def post_image(
+    body: dict[str, Any], config: SimConfig | None = None, times: int = 1
+) -> list[Any]:
+    """[(status, JSON answer)] for the body posted `times` times."""
     async with Simulator(config or SimConfig()) as url, aiohttp.ClientSession() as session:
         answers = []
-        for _ in range(2):
+        for _ in range(times):
             async with session.post(f"{url}/images/generations", json=body) as response:
                 answers.append((response.status, json.loads(await response.read())))
         return answers
@@ -294,8 +296,8 @@ def test_the_simulator_refuses_what_the_api_refuses(
 
 def test_a_directive_in_the_prompt_and_the_key_apply() -> None:
     body = {"model": "gpt-image-1", "prompt": "a fox <<sim:500:1>>"}
-    (first, _), (second, _) = asyncio.run(post_image(body))
-    (keyless, error), _ = asyncio.run(post_image(body, SimConfig(api_key="sk-test-123456")))
+    (first, _), (second, _) = asyncio.run(post_image(body, times=2))
+    ((keyless, error),) = asyncio.run(post_image(body, SimConfig(api_key="test-key-123456")))
 
     assert (first, second) == (500, 200)
     assert keyless == 401

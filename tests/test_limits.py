@@ -8,7 +8,7 @@ import pytest
 from conftest import in_virtual_time
 from multidict import CIMultiDict
 
-from pipeline.limits import Limiter, parse_duration, retry_after
+from pipeline.limits import MIN_SCALE, Limiter, parse_duration, retry_after
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_slow_down_has_a_floor() -> None:
     for _ in range(20):
         limiter.slow_down()
 
-    assert limiter.scale > 0
+    assert limiter.scale == MIN_SCALE  # 20 halvings would be 1/1,048,576
 
 
 def test_prompt_estimates_the_server_counts_higher_are_scaled_up() -> None:
