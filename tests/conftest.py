@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 import polars as pl
 import pytest
 from click.testing import CliRunner, Result
+from multidict import CIMultiDict
 
 from pipeline.cli import main
 from pipeline.limits import Limiter
@@ -162,3 +165,25 @@ def in_virtual_time(
         return now[0]
 
     return asyncio.run(main())
+
+
+def post_json(
+    url: str, body: bytes | Any, headers: Mapping[str, str] | None = None
+) -> tuple[int, Any, CIMultiDict[str]]:
+    """POST a JSON body (bytes as they are): (status, parsed answer, headers), whatever
+    the status."""
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    sent = {"content-type": "application/json", **(headers or {})}
+
+    async def send() -> tuple[int, Any, CIMultiDict[str]]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, data=data, headers=sent) as response,
+        ):
+            return (
+                response.status,
+                orjson.loads(await response.read()),
+                CIMultiDict(response.headers),
+            )
+
+    return asyncio.run(send())

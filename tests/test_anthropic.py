@@ -10,10 +10,18 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
-from conftest import Server, in_virtual_time, invoke, read_output, run_job, serving, write_job
+from conftest import (
+    Server,
+    in_virtual_time,
+    invoke,
+    post_json,
+    read_output,
+    run_job,
+    serving,
+    write_job,
+)
 from genai_prices import Usage as PriceUsage
 from genai_prices import calc_price
 from jsonschema import Draft202012Validator
@@ -92,19 +100,9 @@ def post(
     server: Server, payload: bytes | Mapping[str, Any], headers: Mapping[str, str] | None = None
 ) -> tuple[int, Any, CIMultiDict[str]]:
     """POST to the simulator's /v1/messages with Anthropic's headers (or the ones given)."""
-    data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
     if headers is None:
-        spec = RequestSpec.model_validate(ANTHROPIC)
-        headers = {**make_provider(spec).headers(KEY), "content-type": "application/json"}
-
-    async def send() -> tuple[int, Any, CIMultiDict[str]]:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(f"{server.url}/messages", data=data, headers=headers) as response,
-        ):
-            return response.status, await response.json(), CIMultiDict(response.headers)
-
-    return asyncio.run(send())
+        headers = make_provider(RequestSpec.model_validate(ANTHROPIC)).headers(KEY)
+    return post_json(f"{server.url}/messages", payload, headers)
 
 
 def ask(server: Server, ep: Endpoint, prompt: Prompt) -> tuple[Any, dict[str, Any]]:

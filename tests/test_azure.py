@@ -3,15 +3,13 @@ rate-limit headers and its content filter, against the simulator's Azure routes.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from conftest import Server, invoke, read_output, serving, write_job
+from conftest import Server, invoke, post_json, read_output, serving, write_job
 
 from pipeline.dispatch import SAME_ERROR_HALT
 from pipeline.limits import Limiter
@@ -36,17 +34,6 @@ def rows(n: int, text: str = "") -> list[dict[str, object]]:
 def run_azure(job: Path, base_url: str, *args: str, key: str | None = KEY) -> Any:
     env = {"AZURE_OPENAI_API_KEY": key} if key else {}
     return invoke("run", job, "--base-url", base_url, *args, env=env)
-
-
-def post(url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, Any, Any]:
-    async def send() -> tuple[int, Any, Any]:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(url, json=body, headers=headers) as response,
-        ):
-            return response.status, await response.json(), response.headers
-
-    return asyncio.run(send())
 
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}]}
@@ -146,7 +133,7 @@ def test_the_api_version_is_required(
 ) -> None:
     url = f"{keyed.url}/openai/deployments/gpt-4o-mini/chat/completions{query}"
 
-    got, body, headers = post(url, CHAT, {"api-key": KEY})
+    got, body, headers = post_json(url, CHAT, {"api-key": KEY})
 
     assert got == status
     assert body == {"error": {"code": code, "message": message}}
@@ -177,7 +164,7 @@ def test_an_unknown_deployment_halts_naming_request_deployment(tmp_path: Path, s
 def test_rate_limit_headers_are_azures_remaining_only(keyed: Server) -> None:
     url = f"{keyed.url}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 
-    status, body, headers = post(url, CHAT, {"api-key": KEY})
+    status, body, headers = post_json(url, CHAT, {"api-key": KEY})
 
     assert status == 200
     assert headers["x-ratelimit-remaining-requests"] == "-1"  # no limit set: unknown
@@ -190,7 +177,7 @@ def test_rate_limit_headers_are_azures_remaining_only(keyed: Server) -> None:
 def test_remaining_counts_down_with_a_limit_and_a_429_says_it_azures_way() -> None:
     with running_in_thread(SimConfig(rpm=2)) as (base, _):
         url = f"{base}/openai/deployments/d/chat/completions?api-version=2024-10-21"
-        seen = [post(url, CHAT, {}) for _ in range(3)]
+        seen = [post_json(url, CHAT, {}) for _ in range(3)]
 
     assert [s for s, _, _ in seen] == [200, 200, 429]
     assert [h["x-ratelimit-remaining-requests"] for _, _, h in seen[:2]] == ["1", "0"]

@@ -12,7 +12,6 @@ import email.message
 import email.parser
 import email.policy
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import ClientSession, web
-from conftest import invoke
+from conftest import invoke, post_json
 from jsonschema import Draft202012Validator, ValidationError, validators
 from PIL import Image
 from referencing import Registry, Resource
@@ -271,10 +270,10 @@ def test_an_invalid_responses_body_is_caught(openapi: dict[str, Any], body: dict
     assert problems(checker, {"model": "gpt-4.1-mini", **body})
 
 
-def post(url: str, body: bytes) -> Any:
-    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return orjson.loads(answer.read())
+def post(url: str, body: Any) -> Any:
+    status, answer, _ = post_json(url, body)
+    assert status == 200, answer
+    return answer
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,13 @@ Rows carry `<<sim:KIND>>` directives the Responses simulator knows: `refusal`, `
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import orjson
 import polars as pl
 import pytest
-from conftest import Server, invoke, read_output, run_job, write_job
+from conftest import Server, invoke, post_json, read_output, run_job, write_job
 
 from pipeline.endpoints import Endpoint, Prompt, make_endpoint
 from pipeline.endpoints.tools import ToolRunner
@@ -111,14 +109,8 @@ def test_max_output_tokens_cut_is_finish_reason_length(tmp_path: Path, sim: Serv
 
 def send(url: str, body: Any) -> tuple[int, dict[str, Any]]:
     """POST a JSON body: (status, parsed answer), whatever the status."""
-    raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    request = urllib.request.Request(url, data=raw, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status, orjson.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, orjson.loads(error.read())
+    status, data, _ = post_json(url, body)
+    return status, data
 
 
 def post(url: str, body: Any) -> dict[str, Any]:

@@ -3,16 +3,14 @@ run and their results go back until the model answers, within max_tool_rounds.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
-from conftest import Server, invoke, read_output, run_job, write_job
+from conftest import Server, invoke, post_json, read_output, run_job, write_job
 
 from pipeline.endpoints.tools import ToolRunner
 from pipeline.plan import RunOptions, make_plan
@@ -283,16 +281,8 @@ def test_sample_job_runs_offline_with_the_tool_loop(tmp_path: Path) -> None:
 
 
 def chat(url: str, body: dict[str, Any]) -> tuple[int, Any]:
-    async def send() -> tuple[int, Any]:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"{url}/chat/completions", json={"model": "gpt-4o-mini", **body}
-            ) as response,
-        ):
-            return response.status, await response.json()
-
-    return asyncio.run(send())
+    status, answer, _ = post_json(f"{url}/chat/completions", {"model": "gpt-4o-mini", **body})
+    return status, answer
 
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
