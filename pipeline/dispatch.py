@@ -187,8 +187,8 @@ class Dispatcher:
         made: list[dict[str, Any]] = []  # the calls those rounds ran, with their results
         while True:
             estimated = sum(work.weights)  # the prompt's share of work.tokens
-            charged = self._limiter.charge(work.tokens, estimated)
-            await self._limiter.acquire(charged, output=work.tokens - estimated)
+            output = work.tokens - estimated
+            charged = await self._limiter.acquire(work.tokens, estimated, output)
             if self.stopped:
                 return None
             sends += 1

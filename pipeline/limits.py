@@ -1,7 +1,7 @@
 """Request and token rate limits that follow the server, and the shared 429 pause.
 
     limiter = Limiter(rpm=500, tpm=200_000)
-    await limiter.acquire(tokens=900)     # waits for the pause, a request slot and tokens
+    await limiter.acquire(tokens=900, prompt=800)   # waits for the pause, a slot, tokens
     limiter.observe(response.headers, tokens=900)   # x-ratelimit-* resynchronise
     limiter.pause(2.5)                    # a 429 said wait: every worker waits
     limiter.slow_down()                   # 503 "slow down" / 529: half the rate, then back
@@ -25,6 +25,7 @@ limit (charging both against the smaller would pace at a fifth of the input limi
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import re
 import time
@@ -40,21 +41,31 @@ PACE = 0.985
 #: enforces per second over a sliding window admits a bucket of capacity C and rate r
 #: only while C + r stays within its per-second limit: C small, r + C <= 100%.
 BURST = 0.015
+#: A server that enforces TPM per second (sliding or fixed) admits at most a second's
+#: worth in any second, however smooth the pace: once its headers show that it does,
+#: no more than that is sent in any span this long (a second, and a margin for the
+#: jitter between our clock and its).
+WINDOW_S = 1.005
 #: After a 503 "slow down" or a 529 the rate is halved, down to this share at least...
 MIN_SCALE = 1 / 16
 #: ...and grows back by this share of the full rate per RECOVERY_S without another.
 RECOVERY_STEP = 0.1
 RECOVERY_S = 2.0
-#: Prompt estimates are scaled up by how the server counted recent prompts (its usage
-#: against our estimate): each answer's weight decays by this per later answer...
+#: Prompt estimates are scaled by how the server counted recent prompts (its usage
+#: against our estimate), up or down: each answer's weight decays by this per later
+#: answer...
 CALIBRATION_DECAY = 0.99
-#: ...once this many answers have been seen, within these bounds. Never below 1: the
-#: estimate is rounded up on purpose, and against a server that enforces its limit
-#: over a sliding second, charging exactly what it counts overruns it (a saturated
-#: bucket lets through its rate plus one request in any second): measured, a TPM-bound
-#: run went from 0 to 20 429s and from 95.6% to 92.5% of the limit.
-CALIBRATION_BOUNDS = (1.0, 2.0)
-CALIBRATION_MIN_ANSWERS = 20
+#: ...once this many answers have been seen, within these bounds. Down as well as up:
+#: a server that counts with the model's tokenizer counts English about a quarter
+#: below four bytes a token, and charging the estimate there left a TPM-bound run at
+#: 76% of the limit; one that counts characters counts a third above the tokenizer.
+CALIBRATION_BOUNDS = (0.5, 2.0)
+CALIBRATION_MIN_ANSWERS = 10
+#: Until then, an exact count (the model's own encoding) is charged this much more:
+#: as a server counting four bytes a token counts English prose (1.2-1.35x), so the
+#: first seconds cannot overrun that kind of server; a tokenizer-counting one is
+#: under-used only until the first answers say so.
+WARMUP_RATIO = 1.3
 
 
 class Limiter:
@@ -63,6 +74,7 @@ class Limiter:
         *,
         rpm: int | None,
         tpm: int | None,
+        prompt_ratio: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -82,11 +94,16 @@ class Limiter:
         self._tokens: AsyncLimiter | None = None
         self._output: AsyncLimiter | None = None
         self._token_turn = asyncio.Lock()
+        #: The tokens charged over the last WINDOW_S, and whether to keep within a
+        #: second's worth there (set once the server shows it counts per second).
+        self._window = _Window(clock)
+        self.per_second = False
         #: The largest request so far: the token bucket holds at least one such, so a
         #: request waits once for its tokens, not once per bucketful.
         self._largest = self._largest_output = 0
-        #: Server-counted prompt tokens per estimated one, learned from usage.
-        self.prompt_ratio = 1.0
+        #: Server-counted prompt tokens per estimated one: a guess until learned from
+        #: usage (WARMUP_RATIO for exact counts).
+        self.prompt_ratio = prompt_ratio
         self._estimated = self._counted = 0.0
         self._answers = 0
         self._rebuild()
@@ -117,8 +134,9 @@ class Limiter:
 
     def calibrate(self, estimated: int, counted: int) -> None:
         """Learn from an answer's usage how the server counts prompts against our
-        estimate, so that text our estimate undercounts (CJK, code) does not overrun
-        TPM. Recent answers weigh most; a handful of odd ones cannot swing it far."""
+        estimate: text the estimate undercounts (CJK, code) must not overrun TPM, and a
+        server that counts fewer tokens than charged must not be left under-used.
+        Recent answers weigh most; a handful of odd ones cannot swing it far."""
         if estimated <= 0 or counted <= 0:
             return
         self._estimated = self._estimated * CALIBRATION_DECAY + estimated
@@ -128,9 +146,12 @@ class Limiter:
             low, high = CALIBRATION_BOUNDS
             self.prompt_ratio = min(high, max(low, self._counted / self._estimated))
 
-    async def acquire(self, tokens: int, output: int = 0) -> None:
-        """Wait for the pause, a request slot and `tokens` (of which `output` are the
-        request's max output tokens, counted apart where the server does)."""
+    async def acquire(self, tokens: int, prompt: int = 0, output: int = 0) -> int:
+        """Wait for the pause, a request slot and `tokens`, of which `prompt` are the
+        estimated prompt (charged as calibrated) and `output` the max output tokens
+        (counted apart where the server does). Returns the tokens charged: calibrated
+        when the request's turn comes, not when it started waiting, so that requests
+        queued during the first answers are not charged at the first guess."""
         # Not a poll: each sleep lasts exactly until the pause ends; the loop only
         # repeats when another 429 extended the pause meanwhile.
         while (wait := self.paused_for) > 0:  # noqa: ASYNC110
@@ -141,10 +162,11 @@ class Limiter:
         if self._requests is not None:
             await self._requests.acquire()
         if self._tokens is None and self._output is None:
-            return
+            return self.charge(tokens, prompt)
         # One request at a time takes its tokens, in arrival order: interleaved, many
         # requests would complete together and reach the server in a burst.
         async with self._token_turn:
+            tokens = charged = self.charge(tokens, prompt)
             if self._output is not None:
                 tokens -= output
                 if output > self._largest_output:
@@ -156,6 +178,10 @@ class Limiter:
                     self._largest = tokens
                     self._tokens = await _grown(self._tokens, self.tpm, self.scale, tokens)
                 await _spend(self._tokens, tokens)
+                if self.per_second and self.tpm is not None:
+                    await self._window.room(tokens, self.tpm * self.scale / 60.0)
+                self._window.add(tokens)
+        return charged
 
     def has_room(self, tokens: int) -> bool:
         """Whether `tokens` could be spent now without waiting (tests, progress)."""
@@ -198,6 +224,9 @@ class Limiter:
             return
         reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}") or "")
         self._wait_for_refill(need - remaining, limit, reset)
+        if kind == "tokens":
+            # Smooth pacing under the limit emptied its bucket: it counts per second.
+            self.per_second = True
 
     def _wait_for_refill(self, missing: int, limit: int, reset: float | None) -> None:
         """Pause until `missing` have refilled at limit/minute, or the bucket's reset."""
@@ -251,6 +280,42 @@ class Limiter:
         self.scale = min(1.0, self.scale + RECOVERY_STEP)
         self._changed_at = self._clock()
         self._rebuild()
+
+
+class _Window:
+    """What was charged over the last WINDOW_S seconds."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._charged: collections.deque[tuple[float, int]] = collections.deque()
+        self._total = 0
+
+    def _expire(self) -> float:
+        now = self._clock()
+        while self._charged and self._charged[0][0] <= now - WINDOW_S:
+            self._total -= self._charged.popleft()[1]
+        return now
+
+    def add(self, amount: int) -> None:
+        self._charged.append((self._expire(), amount))
+        self._total += amount
+
+    async def room(self, amount: int, allowance: float) -> None:
+        """Wait until `amount` more keeps the window within `allowance` (at once when
+        the window is empty: a request bigger than a second's worth still goes)."""
+        while True:
+            now = self._expire()
+            excess = self._total + amount - allowance
+            if excess <= 0 or not self._charged:
+                return
+            # The oldest leave first; a request over a second's worth waits for all.
+            freed_at = self._charged[-1][0]
+            for sent_at, charged in self._charged:
+                excess -= charged
+                if excess <= 0:
+                    freed_at = sent_at
+                    break
+            await asyncio.sleep(freed_at + WINDOW_S - now)
 
 
 async def _grown(

@@ -133,25 +133,3 @@ def _check_columns(used: set[str], columns: Sequence[str]) -> None:
         f"column `{column}`{others} used in the template is not in the input{hint} "
         f"The input has: {', '.join(columns)}"
     )
-
-
-def estimate_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
-    """Prompt tokens as the server will count them, without a tokenizer download.
-
-    About four bytes of UTF-8 per token, plus each message's framing. Deliberately
-    rounded up: an estimate under the truth lets the TPM limiter overrun the server.
-    Images are counted by the endpoint, by their size.
-    """
-    total = 3
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, str):
-            total += (len(content.encode()) + 3) // 4 + 4
-        else:
-            total += 4 + sum(estimate_text_tokens(p.get("text") or "") for p in content)
-    return total
-
-
-def estimate_text_tokens(text: str) -> int:
-    """Tokens of a bare text (an embedding input): about four bytes of UTF-8 each."""
-    return (len(text.encode()) + 3) // 4

@@ -40,12 +40,12 @@ from pipeline.errors import (
     RowRejected,
 )
 from pipeline.journal import Journal, Totals
-from pipeline.limits import Limiter
+from pipeline.limits import WARMUP_RATIO, Limiter
 from pipeline.output import write_bytes_atomic, write_output
 from pipeline.parse import RowResult, to_results
 from pipeline.plan import BATCH_ROWS, Plan, fingerprint, limited
 from pipeline.progress import Counters, Display
-from pipeline.render import NullValue, RenderFailed, estimate_text_tokens
+from pipeline.render import NullValue, RenderFailed
 from pipeline.source import ROW_INDEX
 from pipeline.spec import Job, digest
 from pipeline.transport import AiohttpTransport
@@ -96,7 +96,8 @@ class Runner:
         self.url = plan.provider.url(base_url, plan.endpoint.path)
         self.headers = plan.provider.headers(plan.api_key)
         self._json_headers = {**self.headers, "content-type": JSON}
-        self.limiter = Limiter(rpm=job.limits.rpm, tpm=job.limits.tpm)
+        start = WARMUP_RATIO if plan.endpoint.count.exact else 1.0
+        self.limiter = Limiter(rpm=job.limits.rpm, tpm=job.limits.tpm, prompt_ratio=start)
         resumed = earlier.ok if plan.options.retry_failed else earlier.ok + earlier.failed
         self.counters = Counters(total=plan.rows, resumed=resumed)
         self.dispatcher: Dispatcher | None = None
@@ -380,9 +381,9 @@ class _ToolRounds:
         request = self._runner._request([payload])
         # The last prompt, plus the model's message with its calls and a message per
         # result. Not the body's length: it carries images as base64, not counted so.
-        said = (answer.text or "") + "".join(f"{c['name']}{c['arguments']}" for c in calls)
-        added = estimate_text_tokens(said) + 4
-        added += sum(estimate_text_tokens(str(r["content"])) + 4 for r in results)
+        count = self._endpoint.count
+        added = count(answer.text or "") + 4 + sum(count(c["name"] + c["arguments"]) for c in calls)
+        added += sum(count(str(r["content"])) + 4 for r in results)
         prompt = work.weights[0] + added
         out = self._endpoint.max_output_tokens()
         ran = [{**call, "result": r["content"]} for call, r in zip(calls, results, strict=True)]

@@ -8,7 +8,15 @@ import pytest
 from conftest import in_virtual_time
 from multidict import CIMultiDict
 
-from pipeline.limits import MIN_SCALE, Limiter, parse_duration, retry_after
+from pipeline.limits import (
+    CALIBRATION_MIN_ANSWERS,
+    MIN_SCALE,
+    WARMUP_RATIO,
+    WINDOW_S,
+    Limiter,
+    parse_duration,
+    retry_after,
+)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +78,27 @@ def test_a_request_bigger_than_the_bucket_is_charged_in_full() -> None:
 
     # 6,000 TPM = 100 tokens/s at 98.5%; a bucket of 1.5 tokens, started full.
     assert in_virtual_time(big, rpm=None, tpm=6000) == pytest.approx(1000 / 98.5, rel=0.03)
+
+
+def test_a_waiting_request_is_charged_as_calibrated_when_its_turn_comes() -> None:
+    charged: list[int] = []
+
+    async def queued(limiter: Limiter) -> None:
+        limiter.prompt_ratio = 2.0  # the first guess: twice the estimate
+
+        async def one() -> None:
+            charged.append(await limiter.acquire(150, prompt=100, output=50))
+            if len(charged) == 1:  # the first answers: the server counts as estimated
+                for _ in range(CALIBRATION_MIN_ANSWERS):
+                    limiter.calibrate(estimated=100, counted=100)
+
+        await asyncio.gather(*(one() for _ in range(4)))
+
+    # 60,000 TPM: 1,000 tokens/s. Charged at their turn, the three that waited cost
+    # 150 each, not the 250 they would have cost when they started waiting.
+    seconds = in_virtual_time(queued, rpm=None, tpm=60_000)
+    assert charged == [250, 150, 150, 150]
+    assert seconds == pytest.approx((250 + 3 * 150) / 985, rel=0.1)
 
 
 def test_usage_beyond_the_estimate_is_spent_from_the_token_bucket() -> None:
@@ -160,6 +189,52 @@ def test_too_few_tokens_left_waits_for_just_enough() -> None:
     )
 
     assert limiter.paused_for == pytest.approx(2.0)  # 200 missing tokens at 100/s
+    # Paced under its limit, yet its bucket ran dry: it counts per second from now on.
+    assert limiter.per_second
+
+
+def heaviest_second(times: list[float], tokens: int) -> int:
+    """The most tokens sent in any one second, at `tokens` a request."""
+    return max(sum(1 for t in times if start <= t < start + 1.0) for start in times) * tokens
+
+
+@pytest.mark.parametrize("per_second", [False, True])
+def test_a_server_counting_per_second_never_gets_more_than_a_seconds_worth(
+    per_second: bool,
+) -> None:
+    sent: list[float] = []
+
+    async def twelve(limiter: Limiter) -> None:
+        limiter.per_second = per_second
+        loop = asyncio.get_running_loop()
+        for _ in range(12):
+            await limiter.acquire(300)
+            sent.append(loop.time())
+
+    # 60,000 TPM: 1,000 tokens a second. Paced at 98.5%, a 300-token request goes every
+    # 0.305 s: four of them (1,200 tokens) in some second, which a server counting per
+    # second refuses. Knowing it does, the fourth waits for the first to leave the window.
+    seconds = in_virtual_time(twelve, rpm=None, tpm=60_000)
+    assert len(sent) == 12
+
+    if per_second:
+        assert heaviest_second(sent, 300) <= 1000
+        # Three fit in a second: each fourth goes a window after the one three before.
+        assert min(b - a for a, b in zip(sent, sent[3:], strict=False)) >= WINDOW_S
+    else:
+        assert heaviest_second(sent, 300) == 1200
+    assert seconds == pytest.approx(sent[-1], abs=0.01)
+
+
+def test_a_request_over_a_seconds_worth_still_goes_when_the_window_is_empty() -> None:
+    async def two_big(limiter: Limiter) -> None:
+        limiter.per_second = True
+        await limiter.acquire(1500)
+        await limiter.acquire(1500)
+
+    # 1,000 tokens a second: each is charged in full at the pace, and never waits forever.
+    seconds = in_virtual_time(two_big, rpm=None, tpm=60_000)
+    assert seconds == pytest.approx(3000 / 985, rel=0.05)
 
 
 def test_slow_down_halves_the_rate_and_it_recovers_step_by_step() -> None:
@@ -189,7 +264,7 @@ def test_slow_down_has_a_floor() -> None:
 
 def test_prompt_estimates_the_server_counts_higher_are_scaled_up() -> None:
     limiter = Limiter(rpm=None, tpm=60_000)
-    for _ in range(19):
+    for _ in range(CALIBRATION_MIN_ANSWERS - 1):
         limiter.calibrate(estimated=1000, counted=1500)
     assert limiter.charge(1200, prompt=1000) == 1200  # too few answers yet to judge
 
@@ -211,8 +286,21 @@ def test_calibration_follows_recent_answers_and_is_bounded() -> None:
     for _ in range(500):
         limiter.calibrate(estimated=100, counted=1000)
     assert limiter.prompt_ratio == 2.0
+    for _ in range(2000):
+        limiter.calibrate(estimated=100, counted=75)
+    # A server counting with the model's tokenizer, below four bytes a token: followed.
+    assert limiter.prompt_ratio == pytest.approx(0.75, abs=0.001)
+    assert limiter.charge(175, prompt=100) == 75 + 75
     for _ in range(1000):
-        limiter.calibrate(estimated=100, counted=80)
-    assert limiter.prompt_ratio == 1.0  # never below the estimate: it is rounded up on purpose
+        limiter.calibrate(estimated=100, counted=10)
+    assert limiter.prompt_ratio == 0.5  # a few odd usages cannot make it charge nothing
     limiter.calibrate(estimated=0, counted=50)  # no estimate: nothing to learn from
-    assert limiter.prompt_ratio == 1.0
+    assert limiter.prompt_ratio == 0.5
+
+
+def test_an_exact_count_is_charged_with_a_margin_until_the_server_has_answered() -> None:
+    limiter = Limiter(rpm=None, tpm=60_000, prompt_ratio=WARMUP_RATIO)
+    assert limiter.charge(1100, prompt=1000) == 100 + 1300  # a bytes/4 server's count
+    for _ in range(CALIBRATION_MIN_ANSWERS):
+        limiter.calibrate(estimated=1000, counted=1000)  # it counts with the tokenizer
+    assert limiter.charge(1100, prompt=1000) == 1100

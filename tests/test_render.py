@@ -7,8 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.errors import TemplateError
-from pipeline.render import NullValue, Renderer, RenderFailed, estimate_tokens
+from pipeline.render import NullValue, Renderer, RenderFailed
 from pipeline.spec import TemplateSpec
+from pipeline.tokens import estimate_tokens
 
 
 def renderer(columns: tuple[str, ...] = ("id", "text"), **spec: object) -> Renderer:

@@ -411,7 +411,7 @@ def test_simulator_answers_reasoning_models_with_a_reasoning_item(sim: Server) -
 
 
 def test_simulator_caches_a_repeated_long_instructions_prefix(sim: Server) -> None:
-    instructions = "Answer carefully. " * 300  # over 1,024 tokens
+    instructions = "Answer carefully. " * 600  # over 1,024 tokens
     body = {"model": "gpt-4.1-mini", "instructions": instructions}
 
     first = post(f"{sim.url}/responses", {**body, "input": "one"})

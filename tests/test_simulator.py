@@ -243,17 +243,24 @@ def test_chat_completion_has_the_openapi_shape() -> None:
     run(scenario())
 
 
-def test_prompt_tokens_follow_the_documented_estimate() -> None:
-    messages = [
+def test_prompt_tokens_are_counted_as_openai_documents() -> None:
+    # OpenAI's cookbook: "tiktoken is great!" is six cl100k_base tokens; each message
+    # adds 4 (3 of framing, 1 of role) and the reply's priming 3.
+    documented = [{"role": "user", "content": "tiktoken is great!"}]
+    # A model whose encoding the simulator lacks: about four bytes of UTF-8 a token.
+    heuristic = [
         {"role": "system", "content": "x" * 10},  # ceil(10/4) + 4 = 7
         {"role": "user", "content": [{"type": "text", "text": "é" * 4}]},  # 8 bytes: 2 + 4
     ]
 
     async def scenario() -> None:
         async with simulated() as client:
-            body = {"model": "gpt-4o-mini", "messages": messages}
-            _, answer, _ = await client.post("/chat/completions", body)
-        assert answer["usage"]["prompt_tokens"] == 7 + 6 + 3
+            body = {"model": "gpt-4", "messages": documented}
+            _, exact, _ = await client.post("/chat/completions", body)
+            body = {"model": "local-llama", "messages": heuristic}
+            _, estimated, _ = await client.post("/chat/completions", body)
+        assert exact["usage"]["prompt_tokens"] == 6 + 4 + 3
+        assert estimated["usage"]["prompt_tokens"] == 7 + 6 + 3
 
     run(scenario())
 
@@ -323,7 +330,7 @@ def test_reasoning_models_report_reasoning_tokens() -> None:
 
 
 def test_prompt_caching_reports_cached_tokens_for_a_repeated_long_system_prompt() -> None:
-    system = {"role": "system", "content": "policy " * 700}  # 4900 bytes: 1225 + 4 tokens
+    system = {"role": "system", "content": "policy " * 1500}  # a token each: 1500 + 4
 
     async def scenario() -> None:
         async with simulated() as client:
@@ -529,7 +536,7 @@ def test_embeddings_shape_dimensions_and_determinism() -> None:
         assert alone["data"][0]["embedding"] == vectors[1]  # a text's vector, wherever it sits
         assert len(large["data"][0]["embedding"]) == 3072
         assert len(short["data"][0]["embedding"]) == 256
-        assert small["usage"] == {"prompt_tokens": 3, "total_tokens": 3}  # ceil(5/4) + ceil(4/4)
+        assert small["usage"] == {"prompt_tokens": 2, "total_tokens": 2}  # a cl100k token each
         assert tokens["usage"]["prompt_tokens"] == 4
 
     run(scenario())

@@ -4,7 +4,6 @@ run and their results go back until the model answers, within max_tool_rounds.""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from conftest import Server, invoke, post_json, read_output, run_job, write_job
 from pipeline.endpoints.tools import ToolRunner
 from pipeline.plan import RunOptions, make_plan
 from pipeline.spec import load_job
+from pipeline.tokens import text_counter
 
 ROOT = Path(__file__).resolve().parent.parent
 CITIES = ["Oslo", "Lima", "Hanoi"]
@@ -54,8 +54,12 @@ def tool_job(tmp_path: Path, n: int = 3, module: str | None = MODULE, **request:
     return write_job(tmp_path, questions(n), request=request)
 
 
-def ceil4(text: str) -> int:
-    return math.ceil(len(text.encode()) / 4)
+MODEL = "gpt-4o-mini"  # write_job's
+
+
+def count(text: str) -> int:
+    """Tokens of `text` as the simulator counts them for the jobs' model."""
+    return text_counter(MODEL)(text)
 
 
 # --- without run_tools: the calls are the answer ------------------------------------------
@@ -149,8 +153,8 @@ def test_the_loop_ends_in_a_final_answer_with_usage_summed_over_rounds(
         result_text = orjson.dumps({"city": json.loads(call["arguments"])["city"],
                                     "sky": "clear", "temp_c": 21}).decode()  # fmt: skip
         # Round two's prompt: round one's, the model's call, and the function's result.
-        second = prompts[row] + ceil4(call["name"] + call["arguments"]) + 4
-        second += ceil4(result_text) + 4
+        second = prompts[row] + count(call["name"] + call["arguments"]) + 4
+        second += count(result_text) + 4
         assert out["prompt_tokens"][row] == prompts[row] + second
         assert out["completion_tokens"][row] > completions[row]  # the call's, and the text's
         # The call the loop ran, and what the function gave back, go with the final answer.
@@ -176,7 +180,7 @@ def test_a_function_that_raises_is_reported_to_the_model_not_a_crash(
     for row, call in enumerate(calls):
         city = json.loads(call["arguments"])["city"]
         sent = f"error: ValueError: no station in {city}"  # what the model was told
-        second = prompts[row] + ceil4(call["name"] + call["arguments"]) + 4 + ceil4(sent) + 4
+        second = prompts[row] + count(call["name"] + call["arguments"]) + 4 + count(sent) + 4
         assert out["prompt_tokens"][row] == prompts[row] + second
 
 

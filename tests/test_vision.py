@@ -17,9 +17,9 @@ from PIL import Image
 
 from pipeline.media import MAX_IMAGE_BYTES, UNKNOWN_SIZE, image_tokens, load_image
 from pipeline.plan import RunOptions, estimate, make_plan
-from pipeline.render import estimate_tokens
 from pipeline.simulator import vision
 from pipeline.spec import load_job
+from pipeline.tokens import estimate_tokens, text_counter
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "jobs" / "describe_images.toml"
@@ -123,9 +123,8 @@ def test_an_images_tokens_do_not_depend_on_its_base64_length(tmp_path: Path, sim
 
     assert result.exit_code == 0, result.output
     tokens = read_output(tmp_path / "out.parquet")["prompt_tokens"].to_list()
-    text = estimate_tokens(
-        [{"role": "user", "content": [{"type": "text", "text": "Describe it."}]}]
-    )
+    user = [{"role": "user", "content": [{"type": "text", "text": "Describe it."}]}]
+    text = estimate_tokens(user, text_counter("gpt-4o"))
     # 600 x 600 at high detail: 2 x 2 tiles, whatever the bytes.
     assert tokens == [text + 85 + 4 * 170] * 2
     plan = make_plan(load_job(job), RunOptions(base_url=sim.url))
@@ -146,7 +145,8 @@ def test_a_data_url_in_the_input_is_sent_as_it_is_and_counted_by_size(
     result = run_job(job, sim)
 
     assert result.exit_code == 0, result.output
-    text = estimate_tokens([{"role": "user", "content": [{"type": "text", "text": "What is it?"}]}])
+    user = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}]}]
+    text = estimate_tokens(user, text_counter("gpt-4o"))
     assert read_output(tmp_path / "out.parquet")["prompt_tokens"].to_list() == [text + 85]
 
 

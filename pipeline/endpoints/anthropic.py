@@ -53,8 +53,8 @@ from pipeline.endpoints.base import (
 )
 from pipeline.errors import SpecError
 from pipeline.media import anthropic_image_tokens, load_image
-from pipeline.render import estimate_tokens
 from pipeline.spec import RequestSpec, ToolSpec
+from pipeline.tokens import TextCounter, estimate_tokens
 
 #: Anthropic requires max_tokens; this is what is sent when the job sets none. Bulk
 #: answers are mostly far shorter, and the TPM limiter reserves this much per request.
@@ -92,12 +92,12 @@ class AnthropicMessages(Endpoint):
         #: The forced tool that carries a JSON answer, when the job wants JSON.
         self._answer_tool = _answer_tool(spec, schema)
         self._static = _static_fields(spec, schema, self._answer_tool)
-        self._tool_tokens = _tool_tokens(self._static.get("tools"))
+        self._tool_tokens = _tool_tokens(self._static.get("tools"), self.count)
         self.base_dir = base_dir
 
     def item(self, prompt: Prompt) -> Item:
         system, turns = _split(prompt.messages)
-        tokens = estimate_tokens(prompt.messages) + self._tool_tokens
+        tokens = estimate_tokens(prompt.messages, self.count) + self._tool_tokens
         if prompt.images:
             blocks = []
             for reference in prompt.images:
@@ -307,9 +307,9 @@ def _tool_choice(choice: str) -> dict[str, Any]:
     return {"type": "tool", "name": choice}
 
 
-def _tool_tokens(tools: Any) -> int:
+def _tool_tokens(tools: Any, count: TextCounter) -> int:
     """The tools' definitions and the tool-use system prompt, as prompt tokens."""
-    return TOOL_PROMPT_TOKENS + definition_tokens(tools) if tools else 0
+    return TOOL_PROMPT_TOKENS + definition_tokens(tools, count) if tools else 0
 
 
 def _usage(raw: Mapping[str, Any]) -> Usage:

@@ -32,8 +32,8 @@ import orjson
 
 from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, RowProblem, Usage
 from pipeline.errors import SpecError
-from pipeline.render import estimate_text_tokens
 from pipeline.spec import RequestSpec, TemplateSpec
+from pipeline.tokens import text_counter
 
 #: OpenAI refuses uploads over 25 MB ("Maximum content size limit (26214400) exceeded").
 MAX_AUDIO_BYTES = 25 * 2**20
@@ -76,6 +76,7 @@ class AudioTranscriptions(Endpoint):
     def __init__(self, spec: RequestSpec, template: TemplateSpec, base_dir: Path) -> None:
         _check_job(spec, template)
         self._spec = spec
+        self.count = text_counter(spec.model)
         self._fields = _static_fields(spec)
         self.base_dir = base_dir
 
@@ -91,7 +92,7 @@ class AudioTranscriptions(Endpoint):
         body, boundary = multipart(fields, upload, seed=key)
         form = Form(body, f"multipart/form-data; boundary={boundary}")
         seconds = _duration(path, raw)
-        tokens = estimate_text_tokens(text) + int(seconds * AUDIO_TOKENS_PER_S) + 1
+        tokens = self.count(text) + int(seconds * AUDIO_TOKENS_PER_S) + 1
         # The transcript grows with the audio, and max_output_tokens is one number for
         # the whole job: the row's TPM estimate carries the transcript's share itself.
         return Item(form, tokens + int(seconds * TRANSCRIPT_TOKENS_PER_S), key)

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from pipeline.render import Prompt as Prompt
-from pipeline.render import estimate_text_tokens
+from pipeline.tokens import HEURISTIC_COUNTER, TextCounter
 
 JSON = "application/json"
 
@@ -115,6 +115,8 @@ class Endpoint(ABC):
 
     #: Relative file references (images, audio) resolve against this folder.
     base_dir: Path = Path(".")
+    #: Counts a text's tokens for the job's model (`tokens.text_counter`).
+    count: TextCounter = HEURISTIC_COUNTER
 
     @abstractmethod
     def item(self, prompt: Prompt) -> Item:
@@ -177,9 +179,9 @@ def split_usage(usage: Usage, weights: Sequence[int]) -> list[Usage]:
     return shares
 
 
-def definition_tokens(definitions: Any) -> int:
+def definition_tokens(definitions: Any, count: TextCounter) -> int:
     """Prompt tokens of JSON the server adds to every prompt (tool definitions)."""
-    return estimate_text_tokens(orjson.dumps(definitions).decode()) if definitions else 0
+    return count(orjson.dumps(definitions).decode()) if definitions else 0
 
 
 def with_image_parts(

@@ -24,8 +24,8 @@ from pipeline.endpoints.base import (
 )
 from pipeline.endpoints.tools import chat_tool_choice, chat_tools
 from pipeline.media import load_images
-from pipeline.render import estimate_tokens
 from pipeline.spec import RequestSpec
+from pipeline.tokens import estimate_tokens, text_counter
 
 #: What a server lets a completion run to when max_tokens is not set; the TPM limiter
 #: must reserve something, and most chat answers in bulk jobs are well under this.
@@ -45,15 +45,16 @@ class ChatCompletions(Endpoint):
         image_detail: str = "auto",
     ):
         self._spec = spec
+        self.count = text_counter(spec.model)
         self._static = _static_fields(spec, schema, max_tokens_param)
         self.base_dir = base_dir
         self._detail = image_detail
         # Servers count the tools' definitions as prompt, in every request.
-        self._tools_tokens = definition_tokens(self._static.get("tools"))
+        self._tools_tokens = definition_tokens(self._static.get("tools"), self.count)
 
     def item(self, prompt: Prompt) -> Item:
         messages: list[dict[str, Any]] = prompt.messages
-        tokens = estimate_tokens(prompt.messages) + self._tools_tokens
+        tokens = estimate_tokens(prompt.messages, self.count) + self._tools_tokens
         if prompt.images:
             images, image_tokens = load_images(
                 prompt.images, self.base_dir, self._detail, self._spec.model

@@ -18,8 +18,8 @@ import orjson
 from pipeline.endpoints.base import JSON, Answer, Endpoint, Item, Prompt, RowProblem, split_usage
 from pipeline.endpoints.chat import _usage
 from pipeline.errors import Fatal
-from pipeline.render import estimate_text_tokens
 from pipeline.spec import RequestSpec
+from pipeline.tokens import text_counter
 
 #: Under OpenAI's 300,000 tokens per request, with room for the estimate's error.
 BATCH_TOKENS = 250_000
@@ -34,6 +34,7 @@ class Embeddings(Endpoint):
 
     def __init__(self, spec: RequestSpec) -> None:
         self._spec = spec
+        self.count = text_counter(spec.model)
         self.batch_rows = spec.batch_rows
         self._static: dict[str, Any] = {"model": spec.model, "encoding_format": "float"}
         if spec.dimensions is not None:
@@ -44,9 +45,15 @@ class Embeddings(Endpoint):
         text = "\n".join(str(m["content"]) for m in prompt.messages if m["role"] == "user")
         if not text:
             raise RowProblem("the text to embed is empty (the `user` template rendered nothing)")
-        tokens = estimate_text_tokens(text)
-        if tokens > MAX_INPUT_TOKENS * 2:
-            raise RowProblem(f"the text is about {tokens:,} tokens: embeddings take 8,192 at most")
+        tokens = self.count(text)
+        # An exact count refuses exactly what the server would; an estimate (a model
+        # whose encoding we lack) refuses only what is surely too long.
+        if tokens > MAX_INPUT_TOKENS * (1 if self.count.exact else 2):
+            about = "" if self.count.exact else "about "
+            raise RowProblem(
+                f"the text is {about}{tokens:,} tokens: embeddings take "
+                f"{MAX_INPUT_TOKENS:,} at most; shorten or split it"
+            )
         return Item(text, tokens, orjson.dumps([self._static, text]))
 
     def encode(self, payloads: Sequence[Any]) -> tuple[bytes, str]:

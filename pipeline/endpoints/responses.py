@@ -43,8 +43,8 @@ from pipeline.endpoints.base import (
 from pipeline.endpoints.chat import DEFAULT_MAX_OUTPUT_TOKENS
 from pipeline.errors import AnswerFiltered, ReadFailed, ResponseInvalid, SpecError
 from pipeline.media import load_images
-from pipeline.render import estimate_tokens
 from pipeline.spec import RequestSpec, ToolSpec
+from pipeline.tokens import estimate_tokens, text_counter
 
 #: The API refuses a smaller `max_output_tokens` (CreateResponse: minimum 16).
 MIN_OUTPUT_TOKENS = 16
@@ -78,15 +78,16 @@ class Responses(Endpoint):
     ) -> None:
         _refuse_chat_only(spec)
         self._spec = spec
+        self.count = text_counter(spec.model)
         self._static = _static_fields(spec, schema)
         # Servers count the tools' definitions as prompt, in every request.
-        self._tools_tokens = definition_tokens(self._static.get("tools"))
+        self._tools_tokens = definition_tokens(self._static.get("tools"), self.count)
         self.base_dir = base_dir
         self._detail = image_detail
 
     def item(self, prompt: Prompt) -> Item:
         instructions, messages = _split_instructions(prompt.messages)
-        tokens = estimate_tokens(prompt.messages) + self._tools_tokens
+        tokens = estimate_tokens(prompt.messages, self.count) + self._tools_tokens
         items: list[dict[str, Any]] = [dict(m) for m in messages]
         if prompt.images:
             images, image_tokens = load_images(

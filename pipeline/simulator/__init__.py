@@ -61,6 +61,7 @@ import orjson
 from aiohttp import web
 
 from pipeline.simulator.vision import ImageProblem, image_part_tokens
+from pipeline.tokens import text_counter
 
 if TYPE_CHECKING:
     from pipeline.simulator.tools import ToolCall
@@ -587,26 +588,32 @@ def _ceil4(n: int) -> int:
     return -(-n // 4)
 
 
-def _content_size(content: Any, model: str = "") -> tuple[int, int]:
-    """(utf-8 bytes of text, tokens of images) of a message's content."""
+def count_text(text: str, model: str) -> int:
+    """A text's tokens as OpenAI counts them: the model's own encoding (o200k_base,
+    cl100k_base), or about four bytes of UTF-8 a token for models it lacks."""
+    return text_counter(model)(text)
+
+
+def _content_tokens(content: Any, model: str = "") -> int:
+    """The tokens of a message's content: its texts', and its images' by their size."""
     if isinstance(content, str):
-        return len(content.encode()), 0
+        return count_text(content, model)
     if not isinstance(content, list):
-        return 0, 0
-    text = images = 0
+        return 0
+    total = 0
     for part in content:
         if not isinstance(part, dict):
             continue
         if part.get("type") == "text":
-            text += len(str(part.get("text", "")).encode())
+            total += count_text(str(part.get("text", "")), model)
         elif part.get("type") == "image_url":
             try:
-                images += image_part_tokens(part, model)
+                total += image_part_tokens(part, model)
             except ImageProblem as problem:
                 raise _invalid(str(problem), "messages", problem.code) from None
         else:
-            images += _IMAGE_PART_TOKENS
-    return text, images
+            total += _IMAGE_PART_TOKENS
+    return total
 
 
 def _content_text(content: Any) -> str:
@@ -639,19 +646,18 @@ def _messages(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _prompt_tokens(messages: list[dict[str, Any]], model: str = "") -> int:
-    """ceil(text bytes / 4) + 4 per message, plus 3 for the reply's priming.
+    """Each message's content tokens + 4 (its framing), plus 3 for the reply's priming.
 
-    A message's text includes the name and arguments of the tool calls it carries.
+    A message's content includes the name and arguments of the tool calls it carries.
     """
     total = 3
     for message in messages:
-        text, images = _content_size(message.get("content"), model)
+        total += _content_tokens(message.get("content"), model) + 4
         for call in message.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict):
-                text += len(str(function.get("name", "")).encode())
-                text += len(str(function.get("arguments", "")).encode())
-        total += _ceil4(text) + images + 4
+                said = f"{function.get('name', '')}{function.get('arguments', '')}"
+                total += count_text(said, model)
     return total
 
 
@@ -753,7 +759,7 @@ def _parse_chat(payload: dict[str, Any]) -> _ChatJob:
     return _ChatJob(
         model=model,
         messages=messages,
-        prompt_tokens=_prompt_tokens(messages, model) + tools.tools_tokens(payload),
+        prompt_tokens=_prompt_tokens(messages, model) + tools.tools_tokens(payload, model),
         max_tokens=max_tokens,
         n=_positive_int(payload, "n", most=_MAX_CHOICES) or 1,
         response_format=_response_format(payload),
@@ -805,9 +811,7 @@ def _parse_embeddings(payload: dict[str, Any]) -> _EmbeddingJob:
         inputs=inputs,
         dimensions=_positive_int(payload, "dimensions", most=native) or native,
         base64=encoding == "base64",
-        prompt_tokens=sum(
-            _ceil4(len(x.encode())) if isinstance(x, str) else len(x) for x in inputs
-        ),
+        prompt_tokens=sum(count_text(x, model) if isinstance(x, str) else len(x) for x in inputs),
         directive_text=next((x for x in inputs if isinstance(x, str) and "<<sim:" in x), ""),
     )
 

@@ -32,7 +32,6 @@ from aiohttp import BodyPartReader, web
 
 from pipeline.simulator import (
     _ApiError,
-    _ceil4,
     _error_body,
     _invalid,
     _missing,
@@ -41,6 +40,7 @@ from pipeline.simulator import (
     _positive_int,
     _sentence_tokens,
     _wrong_type,
+    count_text,
 )
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ def _parse_image(payload: dict[str, Any]) -> _ImageJob:
         output_format=fmt,
         b64=b64,
         gpt_image=gpt_image,
-        prompt_tokens=_ceil4(len(prompt.encode())),
+        prompt_tokens=count_text(prompt, model),
         output_tokens=tokens,
     )
 
@@ -381,7 +381,7 @@ def _parse_transcription(form: dict[str, Any]) -> _TranscriptionJob:
         file_digest=sha256(upload.data).digest(),
         seconds=seconds,
         verbose=fmt == "verbose_json",
-        prompt_tokens=_ceil4(len(prompt.encode())),
+        prompt_tokens=count_text(prompt, model),
         audio_tokens=max(1, math.ceil(seconds * _AUDIO_TOKENS_PER_MINUTE / 60)),
     )
 

@@ -44,7 +44,6 @@ from pipeline.simulator import (
     FUNCTION_NAME,
     Simulator,
     _bad_name,
-    _ceil4,
     _content_text,
     _fake_json,
     _invalid,
@@ -57,6 +56,7 @@ from pipeline.simulator import (
     _strict_problem,
     _text_tokens,
     _wrong_type,
+    count_text,
 )
 from pipeline.simulator.tools import call_id, tools_tokens
 from pipeline.simulator.vision import REMOTE_SIZE, ImageProblem, image_part_tokens, tokens_for
@@ -173,7 +173,7 @@ def parse_responses(payload: dict[str, Any]) -> ResponsesJob:
         model=model,
         instructions=instructions,
         items=items,
-        prompt_tokens=_prompt_tokens(instructions, items, model) + tools_tokens(payload),
+        prompt_tokens=_prompt_tokens(instructions, items, model) + tools_tokens(payload, model),
         max_output_tokens=_max_output_tokens(payload),
         text_format=_text_format(payload.get("text"), instructions, items),
         tools=tools,
@@ -510,36 +510,35 @@ def _tool_choice(raw: Any, tools: list[dict[str, Any]]) -> str | dict[str, Any]:
 
 
 def _prompt_tokens(instructions: str | None, items: list[dict[str, Any]], model: str) -> int:
-    """As chat completions counts: ceil(text bytes / 4) + 4 per item, 3 for the reply.
+    """As chat completions counts: each item's tokens + 4, and 3 for the reply.
 
     Images count by their size, as on chat completions; the tools are added by the caller.
     """
     total = 3
     if instructions is not None:
-        total += _ceil4(len(instructions.encode())) + 4
+        total += count_text(instructions, model) + 4
     for item in items:
         kind = item["type"]
         if kind == "message":
-            text, images = _parts_size(item["content"], model)
-            total += _ceil4(text) + images + 4
+            total += _parts_tokens(item["content"], model) + 4
         elif kind == "function_call":
-            total += _ceil4(len((item["name"] + item["arguments"]).encode())) + 4
+            total += count_text(item["name"] + item["arguments"], model) + 4
         else:
-            total += _ceil4(len(_content_text(item["output"]).encode())) + 4
+            total += count_text(_content_text(item["output"]), model) + 4
     return total
 
 
-def _parts_size(content: str | list[dict[str, Any]], model: str) -> tuple[int, int]:
-    """(utf-8 bytes of text, tokens of images) of a message's content."""
+def _parts_tokens(content: str | list[dict[str, Any]], model: str) -> int:
+    """The tokens of a message's content: its texts', and its images' by their size."""
     if isinstance(content, str):
-        return len(content.encode()), 0
-    text = images = 0
+        return count_text(content, model)
+    total = 0
     for part in content:
         if part["type"] == "input_image":
-            images += _image_tokens(part, model)
+            total += _image_tokens(part, model)
         else:
-            text += len(str(part.get("text") or part.get("refusal") or "").encode())
-    return text, images
+            total += count_text(str(part.get("text") or part.get("refusal") or ""), model)
+    return total
 
 
 def _image_tokens(part: Mapping[str, Any], model: str) -> int:

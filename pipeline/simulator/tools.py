@@ -35,6 +35,7 @@ from pipeline.simulator import (
     _missing,
     _not_one_of,
     _wrong_type,
+    count_text,
 )
 
 _CHOICES: Final = ("none", "auto", "required")
@@ -107,10 +108,10 @@ def tool_to_call(payload: Mapping[str, Any], messages: list[dict[str, Any]]) -> 
     return ToolCall(function["name"], function.get("parameters") or {}, forced=named is not None)
 
 
-def tools_tokens(payload: Mapping[str, Any]) -> int:
-    """What the offered tools add to the prompt: about four bytes of their JSON a token."""
+def tools_tokens(payload: Mapping[str, Any], model: str) -> int:
+    """What the offered tools add to the prompt: the tokens of their JSON."""
     tools = payload.get("tools")
-    return _ceil4(len(orjson.dumps(tools))) if tools else 0
+    return count_text(orjson.dumps(tools).decode(), model) if tools else 0
 
 
 def _tools(raw: Any) -> list[dict[str, Any]]:
