@@ -170,6 +170,8 @@ class SimStats:
     rate_limited: int = 0
     faults: int = 0
     errors: int = 0
+    #: Tokens the admitted requests were charged against TPM (prompt + max output).
+    tokens: int = 0
     by_body: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -181,6 +183,7 @@ class SimStats:
             "rate_limited": self.rate_limited,
             "faults": self.faults,
             "errors": self.errors,
+            "tokens": self.tokens,
             "by_body": dict(self.by_body),
         }
 
@@ -1255,6 +1258,7 @@ class Simulator:
         retry_ms = _DIRECTIVE_RETRY_MS
         if kind is None:
             self._limits.admit(job.cost, job.model)
+            self.stats.tokens += job.cost
             kind, retry_ms = self._draw_fault(), _FAULT_RETRY_MS
         await self._delay()
         if kind is None:
