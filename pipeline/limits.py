@@ -60,7 +60,7 @@ CALIBRATION_DECAY = 0.99
 #: below four bytes a token, and charging the estimate there left a TPM-bound run at
 #: 76% of the limit; one that counts characters counts a third above the tokenizer.
 CALIBRATION_BOUNDS = (0.5, 2.0)
-CALIBRATION_MIN_ANSWERS = 10
+CALIBRATION_MIN_ANSWERS = 5
 #: Until then, an exact count (the model's own encoding) is charged this much more:
 #: as a server counting four bytes a token counts English prose (1.2-1.35x), so the
 #: first seconds cannot overrun that kind of server; a tokenizer-counting one is
