@@ -32,7 +32,9 @@ format: setup
 
 # Reports, no asserts: what the journal costs (bench/journal.py, about a minute), then
 # the scenarios against a script written the usual way (bench/scenarios.py, about eleven).
-# One of them: `make bench BENCH=scenarios`.
+# One of them: `make bench BENCH=scenarios`. Not by default: `make bench BENCH=independent`
+# runs the sample job as a user would against a strict server written apart from
+# pipeline (bench/independent.py, bench/strict_server.py; about six minutes).
 BENCH ?= journal scenarios
 bench: setup
 	@for name in $(BENCH); do $(BIN)/python bench/$$name.py || exit 1; done

@@ -44,8 +44,10 @@ BURST = 0.015
 #: A server that enforces TPM per second (sliding or fixed) admits at most a second's
 #: worth in any second, however smooth the pace: once its headers show that it does,
 #: no more than that is sent in any span this long (a second, and a margin for the
-#: jitter between our clock and its).
-WINDOW_S = 1.005
+#: jitter between our clock and its). Against a strict sliding-second server with
+#: requests 5.4% of a second's worth: 1.01 s used 96.4% of its TPM, 1.005 s 96.9%,
+#: 1.002 s 97.1%, all with 0 429s (the ceiling there is 97.9%: 18 requests a second).
+WINDOW_S = 1.002
 #: After a 503 "slow down" or a 529 the rate is halved, down to this share at least...
 MIN_SCALE = 1 / 16
 #: ...and grows back by this share of the full rate per RECOVERY_S without another.
