@@ -590,7 +590,7 @@ def test_rpm_limit_answers_429_with_openai_headers_once_the_bucket_is_empty() ->
 
 def test_tpm_limit_charges_prompt_plus_max_tokens_and_not_rejected_requests() -> None:
     clock = FakeClock()
-    # "hi": ceil(2/4) + 4 + 3 = 8 prompt tokens; plus max_tokens 42 = 50 per request.
+    # "hi": one o200k token + 4 + 3 = 8 prompt tokens; plus max_tokens 42 = 50 per request.
 
     async def scenario() -> None:
         async with simulated(SimConfig(tpm=100), clock) as client:
@@ -609,6 +609,8 @@ def test_tpm_limit_charges_prompt_plus_max_tokens_and_not_rejected_requests() ->
             status, _, headers = await client.chat("hi", max_tokens=42)
             assert status == 200
             assert headers["x-ratelimit-remaining-tokens"] == "0"
+            # What the admitted requests were charged, for a bench to measure TPM used.
+            assert client.sim.stats.as_dict()["tokens"] == 3 * 50
 
     run(scenario())
 
