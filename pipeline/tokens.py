@@ -124,9 +124,7 @@ def _bindings() -> Any:
     return None
 
 
-def estimate_tokens(
-    messages: Sequence[Mapping[str, Any]], count: Callable[[str], int] = bytes_over_four
-) -> int:
+def estimate_tokens(messages: Sequence[Mapping[str, Any]], count: Callable[[str], int]) -> int:
     """A chat prompt's tokens as OpenAI counts them: each message's text plus 4 for its
     framing (role and separators), plus 3 priming the reply. Images are counted by the
     endpoint, by their size."""

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from pipeline.errors import TemplateError
 from pipeline.render import NullValue, Renderer, RenderFailed
 from pipeline.spec import TemplateSpec
-from pipeline.tokens import estimate_tokens
+from pipeline.tokens import bytes_over_four, estimate_tokens
 
 
 def renderer(columns: tuple[str, ...] = ("id", "text"), **spec: object) -> Renderer:
@@ -67,8 +67,8 @@ def test_row_values_are_data_never_template_code(value: str) -> None:
 
 
 def test_token_estimate_rounds_up_and_counts_non_ascii_bytes() -> None:
-    ascii_ = estimate_tokens([{"role": "user", "content": "a" * 400}])
-    wide = estimate_tokens([{"role": "user", "content": "é" * 400}])
+    ascii_ = estimate_tokens([{"role": "user", "content": "a" * 400}], bytes_over_four)
+    wide = estimate_tokens([{"role": "user", "content": "é" * 400}], bytes_over_four)
 
     assert ascii_ >= 100
     assert wide > ascii_

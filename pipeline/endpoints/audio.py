@@ -33,7 +33,6 @@ import orjson
 from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, RowProblem, Usage
 from pipeline.errors import SpecError
 from pipeline.spec import RequestSpec, TemplateSpec
-from pipeline.tokens import text_counter
 
 #: OpenAI refuses uploads over 25 MB ("Maximum content size limit (26214400) exceeded").
 MAX_AUDIO_BYTES = 25 * 2**20
@@ -76,7 +75,6 @@ class AudioTranscriptions(Endpoint):
     def __init__(self, spec: RequestSpec, template: TemplateSpec, base_dir: Path) -> None:
         _check_job(spec, template)
         self._spec = spec
-        self.count = text_counter(spec.model)
         self._fields = _static_fields(spec)
         self.base_dir = base_dir
 

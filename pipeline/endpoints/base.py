@@ -13,6 +13,7 @@ about sockets, retries or rate limits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,8 @@ from typing import Any
 import orjson
 
 from pipeline.render import Prompt as Prompt
-from pipeline.tokens import HEURISTIC_COUNTER, TextCounter
+from pipeline.spec import RequestSpec
+from pipeline.tokens import TextCounter, text_counter
 
 JSON = "application/json"
 
@@ -115,8 +117,13 @@ class Endpoint(ABC):
 
     #: Relative file references (images, audio) resolve against this folder.
     base_dir: Path = Path(".")
-    #: Counts a text's tokens for the job's model (`tokens.text_counter`).
-    count: TextCounter = HEURISTIC_COUNTER
+    #: The job's request settings.
+    _spec: RequestSpec
+
+    @functools.cached_property
+    def count(self) -> TextCounter:
+        """Counts a text's tokens for the job's model (`tokens.text_counter`)."""
+        return text_counter(self._spec.model)
 
     @abstractmethod
     def item(self, prompt: Prompt) -> Item:

@@ -25,7 +25,7 @@ from pipeline.endpoints.base import (
 from pipeline.endpoints.tools import chat_tool_choice, chat_tools
 from pipeline.media import load_images
 from pipeline.spec import RequestSpec
-from pipeline.tokens import estimate_tokens, text_counter
+from pipeline.tokens import estimate_tokens
 
 #: What a server lets a completion run to when max_tokens is not set; the TPM limiter
 #: must reserve something, and most chat answers in bulk jobs are well under this.
@@ -45,7 +45,6 @@ class ChatCompletions(Endpoint):
         image_detail: str = "auto",
     ):
         self._spec = spec
-        self.count = text_counter(spec.model)
         self._static = _static_fields(spec, schema, max_tokens_param)
         self.base_dir = base_dir
         self._detail = image_detail

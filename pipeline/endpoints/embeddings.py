@@ -19,7 +19,6 @@ from pipeline.endpoints.base import JSON, Answer, Endpoint, Item, Prompt, RowPro
 from pipeline.endpoints.chat import _usage
 from pipeline.errors import Fatal
 from pipeline.spec import RequestSpec
-from pipeline.tokens import text_counter
 
 #: Under OpenAI's 300,000 tokens per request, with room for the estimate's error.
 BATCH_TOKENS = 250_000
@@ -34,7 +33,6 @@ class Embeddings(Endpoint):
 
     def __init__(self, spec: RequestSpec) -> None:
         self._spec = spec
-        self.count = text_counter(spec.model)
         self.batch_rows = spec.batch_rows
         self._static: dict[str, Any] = {"model": spec.model, "encoding_format": "float"}
         if spec.dimensions is not None:

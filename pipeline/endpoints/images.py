@@ -27,7 +27,6 @@ import orjson
 from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, RowProblem, Usage
 from pipeline.errors import SpecError
 from pipeline.spec import RequestSpec, TemplateSpec
-from pipeline.tokens import text_counter
 
 #: Prompt length limits in characters, by model family (CreateImageRequest.prompt).
 MAX_PROMPT_CHARS = {"dall-e-2": 1_000, "dall-e-3": 4_000}
@@ -56,7 +55,6 @@ class ImageGenerations(Endpoint):
     def __init__(self, spec: RequestSpec, template: TemplateSpec) -> None:
         _check_job(spec, template)
         self._spec = spec
-        self.count = text_counter(spec.model)
         self._dalle = spec.model.startswith("dall-e")
         self._static = _static_fields(spec, dalle=self._dalle)
         self._limit = MAX_PROMPT_CHARS.get(spec.model, MAX_PROMPT_CHARS_GPT_IMAGE)

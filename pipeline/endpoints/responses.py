@@ -44,7 +44,7 @@ from pipeline.endpoints.chat import DEFAULT_MAX_OUTPUT_TOKENS
 from pipeline.errors import AnswerFiltered, ReadFailed, ResponseInvalid, SpecError
 from pipeline.media import load_images
 from pipeline.spec import RequestSpec, ToolSpec
-from pipeline.tokens import estimate_tokens, text_counter
+from pipeline.tokens import estimate_tokens
 
 #: The API refuses a smaller `max_output_tokens` (CreateResponse: minimum 16).
 MIN_OUTPUT_TOKENS = 16
@@ -78,7 +78,6 @@ class Responses(Endpoint):
     ) -> None:
         _refuse_chat_only(spec)
         self._spec = spec
-        self.count = text_counter(spec.model)
         self._static = _static_fields(spec, schema)
         # Servers count the tools' definitions as prompt, in every request.
         self._tools_tokens = definition_tokens(self._static.get("tools"), self.count)
