@@ -182,6 +182,9 @@ class Limiter:
                 await _spend(self._tokens, tokens)
                 if self.per_second and self.tpm is not None:
                     await self._window.room(tokens, self.tpm * self.scale / 60.0)
+                # Recorded from the start (~1 us a request with a TPM limit): a window
+                # empty when per-second counting is found let one request too many
+                # through, measured as a 429 against a sliding-second server.
                 self._window.add(tokens)
         return charged
 
