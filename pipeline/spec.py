@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import SpecError
 
@@ -68,6 +75,17 @@ class InputSpec(_Strict):
     format: Literal["csv", "parquet", "ndjson"] | None = None
     #: A column whose values identify rows; without it the row's position is its key.
     key: str | None = None
+    #: CSV's field separator: one ASCII character, e.g. ";" or "\t" (tab).
+    separator: str = ","
+
+    @field_validator("separator")
+    @classmethod
+    def _one_ascii_character(cls, value: str) -> str:
+        if len(value) != 1 or not value.isascii() or value in '"\r\n\x00':
+            raise ValueError(
+                'give one ASCII character other than a quote or a line break, e.g. ";" or "\\t"'
+            )
+        return value
 
 
 class OutputSpec(_Strict):

@@ -30,7 +30,7 @@ def test_csv_to_parquet_keeps_input_columns_order_and_adds_results(
     assert result.exit_code == 0, result.output
     out = read_output(tmp_path / "out.parquet")
     assert out.columns == ["id", "text", *RESULT_SCHEMA]
-    assert out["id"].to_list() == list(range(40))
+    assert out["id"].to_list() == [str(i) for i in range(40)], "CSV values as written"
     assert out["status"].unique().to_list() == ["ok"]
     assert out["response"].str.len_chars().min() > 0  # type: ignore[operator]
     assert (out["cost_usd"] > 0).all()
