@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import OutputError
+from pipeline.errors import InputError, JobError, OutputError, SpecError
 from pipeline.journal import Journal
-from pipeline.parse import OutputShape
+from pipeline.parse import RESULT_SCHEMA, OutputShape
 from pipeline.source import ROW_INDEX
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
@@ -59,6 +61,13 @@ def _with_results(
 ) -> pl.DataFrame:
     rows = batch.get_column(ROW_INDEX)
     results = journal.results(int(rows.min() or 0), int(rows.max() or 0))  # type: ignore[arg-type]
+    return _joined(batch, results, shape, prefix)
+
+
+def _joined(
+    batch: pl.DataFrame, results: pl.DataFrame, shape: OutputShape, prefix: str
+) -> pl.DataFrame:
+    """The batch's input columns, then its results' columns as the output has them."""
     joined = batch.join(
         results, left_on=ROW_INDEX, right_on="row", how="left", maintain_order="left"
     ).with_columns(pl.col("status").fill_null("pending"))
@@ -157,6 +166,94 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: What a dry write stands in for each row's answer (its type is the job's: the JSON
+#: schema's fields, a vector, text), so that the decoding runs as it will at the end.
+_SAMPLE_ANSWERS = {"embedding": "[0.0]"}
+#: What a writer raises for a type its format cannot hold.
+_WRITE_ERRORS = (pl.exceptions.PolarsError, pa.ArrowException, ValueError, TypeError)
+
+
+def check_writable(path: Path, batch: pl.DataFrame, *, shape: OutputShape, prefix: str) -> None:
+    """Write `batch`, with a made-up answer per row, through the real writer to a temporary
+    file; raise JobError naming the column if the output could not be written at the end.
+
+    Every batch is cast to the one schema the input check found, and the result columns'
+    types are the job's, so what writes here writes for the whole table.
+    """
+    fmt = output_format(path)
+    frame = _joined(batch, _sample_results(batch, shape), shape, prefix)
+    with tempfile.TemporaryDirectory(prefix="pipeline-check-") as folder:
+        problem = _write_problem(Path(folder) / f"all{path.suffix}", fmt, frame)
+        if problem is None:
+            return
+        for index, name in enumerate(frame.columns):  # which column is it?
+            tmp = Path(folder) / f"column{index}{path.suffix}"
+            reason = _write_problem(tmp, fmt, frame.select(name))
+            if reason is not None:
+                raise _column_error(path, fmt, name, frame.schema[name], shape, prefix, reason)
+    raise JobError(
+        f"{path}: the output cannot be written as {fmt} ({problem}); choose the other format "
+        "with --output (.parquet or .csv)"
+    )
+
+
+def _sample_results(batch: pl.DataFrame, shape: OutputShape) -> pl.DataFrame:
+    """A result per row shaped like the journal's: status ok, an answer, the rest null."""
+    answer = "{}" if shape.fields is not None else _SAMPLE_ANSWERS.get(shape.answer, "x")
+    values = {"status": "ok", "response": answer}
+    height = batch.height
+    columns = [batch.get_column(ROW_INDEX).cast(pl.Int64).alias("row")]
+    columns.extend(
+        pl.Series(name, [values.get(name)] * height, dtype=dtype)
+        for name, dtype in {**RESULT_SCHEMA, "tool_calls": pl.String()}.items()
+    )
+    return pl.DataFrame(columns)
+
+
+def _write_problem(tmp: Path, fmt: str, frame: pl.DataFrame) -> str | None:
+    writer = _write_parquet if fmt == "parquet" else _write_csv
+    try:
+        writer(tmp, iter([frame]), {})
+    except _WRITE_ERRORS as exc:
+        lines = str(exc).strip().splitlines()
+        return lines[0][:200] if lines else type(exc).__name__
+    return None
+
+
+def _column_error(
+    path: Path,
+    fmt: str,
+    name: str,
+    dtype: pl.DataType,
+    shape: OutputShape,
+    prefix: str,
+    reason: str,
+) -> JobError:
+    fields = {prefix + f.name for f in shape.fields.fields} if shape.fields is not None else set()
+    other = "x.csv" if fmt == "parquet" else "x.parquet"
+    if fmt == "csv":
+        fix = f"CSV cannot hold {dtype} values: write Parquet instead (--output {other})"
+    elif dtype in (pl.Int128, pl.UInt128):
+        fix = (
+            "its integers do not fit in 64 bits, which Parquet cannot store: write them as "
+            f'text in the input (NDJSON: "123..."), or write CSV (--output {other})'
+        )
+    elif "no child field" in reason:
+        fix = "it holds objects with no fields ({}), which Parquet cannot store: " + (
+            "give that object `properties` in the JSON schema, or make it a string"
+            if name in fields
+            else f"drop the column from the input, or write CSV (--output {other})"
+        )
+    else:
+        fix = f"write CSV instead (--output {other}), or change the column's type ({reason})"
+    if name in fields:
+        return SpecError(
+            f"the JSON schema's property `{name.removeprefix(prefix)}` ({dtype}) cannot be "
+            f"written to {path}: {fix}"
+        )
+    return InputError(f"input column `{name}` ({dtype}) cannot be written to {path}: {fix}")
 
 
 def result_columns(shape: OutputShape, prefix: str) -> list[str]:

@@ -17,6 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import polars as pl
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 
 from pipeline.cost import Pricer, make_pricer
 from pipeline.endpoints import (
@@ -28,15 +30,23 @@ from pipeline.endpoints import (
     make_provider,
 )
 from pipeline.endpoints.tools import ToolRunner
-from pipeline.errors import JobError, SpecError
-from pipeline.output import output_format, result_columns
+from pipeline.errors import InputError, JobError, SpecError, TemplateError
+from pipeline.output import check_writable, output_format, result_columns
 from pipeline.parse import AnswerCheck, OutputShape, fields_dtype, strict_schema_problem
-from pipeline.render import NullValue, Renderer, RenderFailed
-from pipeline.source import ROW_INDEX, Source, open_source
+from pipeline.render import NullValue, Renderer, RenderFailed, RenderLimit
+from pipeline.source import OTHER_SEPARATORS, ROW_INDEX, Source, open_source
 from pipeline.spec import ANTHROPIC_BASE_URL, BASE_URL_ENV, OPENAI_BASE_URL, Job, PriceSpec
 
 #: Rows read, rendered and queued at a time: bounds memory whatever the input's size.
 BATCH_ROWS = 2_000
+#: Rows past the render limits after which a check of every row stops: the template
+#: loops whatever the row, and each such row takes the render time limit to find out.
+LIMIT_ROWS = 3
+#: Failing rows `validate` names, with their reasons, before it gives the count.
+FAILING_SHOWN = 5
+#: Rows written, with made-up answers, through the real output writer before sending:
+#: the types are the same in every batch, so a few rows prove the whole table writable.
+DRY_WRITE_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -129,17 +139,24 @@ def apply_options(job: Job, opts: RunOptions) -> Job:
 def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -> Plan:
     """Check everything that can be checked before sending; raise JobError if anything is off."""
     job = apply_options(job, opts)
-    source = open_source(job.input.path, format=job.input.format, key=job.input.key)
-    renderer = Renderer(job.template, source.columns)
+    source = open_source(
+        job.input.path, format=job.input.format, key=job.input.key, separator=job.input.separator
+    )
+    renderer = _renderer(job, source)
     schema = job.json_schema()
+    _check_schemas(job, schema)
     base_url, api_key = _target(job, opts, env)
     req = job.request
     endpoint = make_endpoint(req, job.template, base_url or "", schema, source.path.parent)
     shape = OutputShape(
         fields=_fields(job, schema), answer=endpoint.answer_column, tool_calls=bool(req.tools)
     )
+    _check_field_names(shape)
     _check_collisions(source.columns, result_columns(shape, job.output.prefix))
     output_format(job.output_path)
+    check_writable(
+        job.output_path, source.head(DRY_WRITE_ROWS), shape=shape, prefix=job.output.prefix
+    )
     pricer = make_pricer(req.model, job.price)
     tools = None
     if req.run_tools:
@@ -162,6 +179,83 @@ def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -
         rows=min(rows, opts.limit) if opts.limit is not None else rows,
         options=opts,
     )
+
+
+def _renderer(job: Job, source: Source) -> Renderer:
+    """The templates, compiled; a one-column CSV named `a;b` is said to be `;`-separated."""
+    try:
+        return Renderer(job.template, source.columns)
+    except TemplateError:
+        hint = _separator_hint(source)
+        if hint is not None:
+            raise InputError(hint) from None
+        raise
+
+
+def _separator_hint(source: Source) -> str | None:
+    if source.format != "csv" or len(source.columns) != 1:
+        return None
+    name = source.columns[0]
+    for separator in OTHER_SEPARATORS:
+        if separator in name and separator != source.separator:
+            shown = separator.encode("unicode_escape").decode()
+            return (
+                f"{source.path}: the file looks `{shown}`-separated (its one column is named "
+                f'`{name[:60]}`): set [input] separator = "{shown}" in the job'
+            )
+    return None
+
+
+def _check_schemas(job: Job, schema: dict[str, Any] | None) -> None:
+    """A JSON schema the API (or our own validator) would refuse is a job error, here."""
+    if schema is not None:
+        spec = job.request.json_schema
+        where = (
+            f"{spec.file}"
+            if spec is not None and spec.file is not None
+            else ("[request.json_schema] schema")
+        )
+        _check_schema(schema, where)
+    for tool in job.request.tools:
+        _check_schema(tool.parameters, f"the parameters of tool `{tool.name}`")
+
+
+#: JSON schema's `type` names, for the message about one that is not.
+_JSON_TYPES = "string, number, integer, boolean, object, array, null"
+
+
+def _check_schema(schema: dict[str, Any], where: str) -> None:
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        at = list(exc.absolute_path)
+        path = "/".join(str(p) for p in at) or "(root)"
+        valid = f" (valid types: {_JSON_TYPES})" if "type" in at[-2:] else ""
+        raise SpecError(
+            f"{where}: not a valid JSON schema at {path}: {_one_line(exc.message)}{valid}; "
+            "see https://json-schema.org/understanding-json-schema/reference"
+        ) from None
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else f"{line[:limit]}..."
+
+
+def _check_field_names(shape: OutputShape) -> None:
+    """A JSON answer's fields become top-level columns: none may be named like another one."""
+    if shape.fields is None:
+        return
+    others = set(OutputShape(answer=shape.answer, tool_calls=shape.tool_calls).columns())
+    for name in (f.name for f in shape.fields.fields):
+        if name in others or not name.strip():
+            what = "a result column" if name.strip() else "no column name at all"
+            raise SpecError(
+                f"the JSON schema's property `{name}` would be written as a top-level output "
+                f"column, and `{name}` is {what}: rename the property in the schema "
+                "([output] prefix renames the result columns and the fields alike, so it "
+                "cannot part them)"
+            )
 
 
 def _fields(job: Job, schema: dict[str, Any] | None) -> pl.Struct | None:
@@ -246,6 +340,41 @@ def limited(batches: Iterator[pl.DataFrame], limit: int | None) -> Iterator[pl.D
             if batch.height == 0:
                 return
         yield batch
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """What rendering every row found: the rows that would fail before sending."""
+
+    rows: int
+    failing: int
+    #: (row position, reason) of the first failing rows.
+    first: list[tuple[int, str]]
+    #: Why the check stopped before the end, if it did.
+    stopped: str | None = None
+
+
+def check_rows(plan: Plan) -> RowCheck:
+    """Render every row (up to --limit) and count those that would fail. Sends nothing."""
+    rows = failing = limits = 0
+    first: list[tuple[int, str]] = []
+    for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
+        for row in batch.iter_rows(named=True):
+            rows += 1
+            try:
+                plan.endpoint.item(plan.renderer.render(row))
+            except (NullValue, RenderFailed, RowProblem) as exc:
+                failing += 1
+                if len(first) < FAILING_SHOWN:
+                    first.append((row[ROW_INDEX], " ".join(str(exc).split())))
+                limits += isinstance(exc, RenderLimit)
+                if limits >= LIMIT_ROWS:
+                    stopped = (
+                        f"stopped after {rows:,} of {plan.rows:,} rows: {limits} rows ran past "
+                        "the render limits, so the template is what to fix"
+                    )
+                    return RowCheck(rows, failing, first, stopped)
+    return RowCheck(rows, failing, first)
 
 
 @dataclass(frozen=True)
