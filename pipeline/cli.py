@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import math
+import sqlite3
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -16,9 +17,17 @@ from typing import Any, TypeVar
 import click
 
 from pipeline import __version__
-from pipeline.errors import JobError, PipelineError
+from pipeline.errors import Interrupted, JobError, PipelineError
 from pipeline.journal import Journal
-from pipeline.plan import Plan, RunOptions, apply_options, estimate, journal_path, make_plan
+from pipeline.plan import (
+    Plan,
+    RunOptions,
+    apply_options,
+    check_rows,
+    estimate,
+    journal_path,
+    make_plan,
+)
 from pipeline.progress import summary_table
 from pipeline.run import execute
 from pipeline.spec import load_job
@@ -38,7 +47,30 @@ def _errors_to_exit(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group()
+class _OneLineErrors(click.Group):
+    """Click's own errors (a bad option value, an unknown flag) as one line, like ours."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # `pipeline` alone: the help, as click shows it
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "pipeline"
+            message = " ".join(exc.format_message().split())
+            click.echo(f"error: {message} (see `{where} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(Interrupted.exit_code)
+
+
+@click.group(cls=_OneLineErrors)
 @click.version_option(__version__, prog_name="pipeline")
 def main() -> None:
     """Run bulk AI jobs against OpenAI-style APIs: rate-limited, resumable, costed."""
@@ -132,10 +164,18 @@ def run(job: Path, input_: Path | None, **flags: Any) -> None:
 @main.command()
 @_job
 @_plan_options
-@click.option("--rows", "shown", default=3, show_default=True, help="Rows to render.")
+@click.option(
+    "--rows",
+    "shown",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Rows to render.",
+)
 @_errors_to_exit
 def validate(job: Path, input_: Path | None, shown: int, **flags: Any) -> None:
-    """Check JOB, its input and its templates, and render the first rows. Sends nothing."""
+    """Check JOB, its input and its templates, render the first rows, and check that every
+    row renders. Sends nothing, needs no API key; exits 2 if any row would fail."""
     plan = make_plan(load_job(job), RunOptions(input=input_, **flags))
     click.echo(f"job {plan.job.name}: ok")
     click.echo(
@@ -144,8 +184,21 @@ def validate(job: Path, input_: Path | None, shown: int, **flags: Any) -> None:
     click.echo(f"model {plan.job.request.model}, prices from {plan.pricer.source}")
     click.echo(f"output {plan.output}")
     _show_rows(plan, shown)
-    if plan.key_problem is not None:
-        raise JobError(plan.key_problem)
+    if plan.key_problem is not None:  # `run` refuses without it; checking needs none
+        click.echo(f"note: {plan.key_problem}", err=True)
+    checked = check_rows(plan)
+    if not checked.failing:
+        click.echo(f"\nall {checked.rows:,} rows render")
+        return
+    click.echo(f"\n{checked.failing:,} of {checked.rows:,} rows would fail before sending:")
+    for row, reason in checked.first:
+        click.echo(f"  row {row}: {reason}")
+    row, reason = checked.first[0]
+    stopped = f"; {checked.stopped}" if checked.stopped else ""
+    raise JobError(
+        f"{checked.failing:,} of {checked.rows:,} rows would fail before sending "
+        f"(row {row}: {reason}){stopped}"
+    )
 
 
 def _show_rows(plan: Plan, shown: int) -> None:
@@ -206,13 +259,21 @@ def status(job: Path, output: Path | None, journal: Path | None) -> None:
     """What JOB's checkpoint holds: rows done, failed, pending, cost, the last run."""
     spec = apply_options(load_job(job), RunOptions(output=output))
     path = journal_path(spec.output_path, journal)
-    checkpoint = Journal.read(path)
+    if path.is_dir():
+        raise JobError(f"{path} is a directory: point --journal at a run's .journal.sqlite file")
     try:
-        t, flight = checkpoint.totals(), checkpoint.in_flight()
-        meta = {k: checkpoint.meta(k) for k in ("last_started", "last_finished", "last_exit")}
-        rows, source = int(checkpoint.meta("rows") or 0), checkpoint.meta("input")
-    finally:
-        checkpoint.close()
+        checkpoint = Journal.read(path)
+        try:
+            t, flight = checkpoint.totals(), checkpoint.in_flight()
+            meta = {k: checkpoint.meta(k) for k in ("last_started", "last_finished", "last_exit")}
+            rows, source = int(checkpoint.meta("rows") or 0), checkpoint.meta("input")
+        finally:
+            checkpoint.close()
+    except (sqlite3.Error, ValueError) as exc:
+        raise JobError(
+            f"{path} is not a checkpoint that pipeline wrote ({exc}): point --journal at the "
+            ".journal.sqlite file a run of this job wrote"
+        ) from None
     of = f", {rows - t.ok - t.failed:,} pending of {rows:,} rows from {source}" if source else ""
     click.echo(f"{spec.name}: {t.ok:,} ok, {t.failed:,} failed{of}; ${t.cost_usd:.6f} spent")
     click.echo(f"checkpoint {path}")
