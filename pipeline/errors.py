@@ -6,7 +6,8 @@ Failures of the run are exceptions; they stop the job and map to an exit code:
     ├── JobError                  2   bad job file, input or template; nothing was sent
     │   ├── SpecError                 the job file
     │   ├── InputError                the input table
-    │   └── TemplateError             the templates
+    │   ├── TemplateError             the templates
+    │   └── OutputRefused             the output or checkpoint could not be written
     ├── BudgetReached             3   --max-cost reached
     ├── Halted                    4   the API says stop: auth, quota, unknown model, URL
     ├── OutputError               1   the output or checkpoint cannot be written
@@ -53,6 +54,10 @@ class InputError(JobError):
 
 class TemplateError(JobError):
     pass
+
+
+class OutputRefused(JobError):
+    """The output (or its folder, or the disk) would fail: found before anything was sent."""
 
 
 class BudgetReached(PipelineError):

@@ -23,7 +23,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError, JobError, OutputError, SpecError
+from pipeline.errors import InputError, JobError, OutputError, OutputRefused, SpecError
 from pipeline.journal import Journal
 from pipeline.parse import RESULT_SCHEMA, OutputShape
 from pipeline.source import ROW_INDEX
@@ -34,7 +34,7 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 def output_format(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise OutputError(
+        raise OutputRefused(
             f"cannot tell the output format of {path}: use a .parquet or .csv file name"
         )
     return fmt

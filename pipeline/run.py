@@ -35,7 +35,7 @@ from pipeline.errors import (
     BudgetReached,
     Interrupted,
     JobError,
-    OutputError,
+    OutputRefused,
     PipelineError,
     RowRejected,
 )
@@ -487,14 +487,14 @@ def check_disk(plan: Plan) -> None:
             probe.write_bytes(b"x")
             probe.unlink()
         except OSError as exc:
-            raise OutputError(
+            raise OutputRefused(
                 f"cannot write to {directory} ({exc.strerror or exc}): choose another "
                 "--output (or --journal) or fix the folder's permissions"
             ) from None
         free = shutil.disk_usage(directory).free
         need = MIN_FREE_BYTES + plan.rows * BYTES_PER_ROW
         if free < need:
-            raise OutputError(
+            raise OutputRefused(
                 f"only {free / 2**20:,.0f} MiB free on {directory}; the run needs at least "
                 f"{need / 2**20:,.0f} MiB. Free some space or choose another --output / --journal"
             )
