@@ -58,7 +58,8 @@ class _OneLineErrors(click.Group):
             exc.show()  # `pipeline` alone: the help, as click shows it
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
-            where = exc.ctx.command_path if exc.ctx is not None else "pipeline"
+            path = exc.ctx.command_path.split()[1:] if exc.ctx is not None else []
+            where = " ".join(["pipeline", *path])
             message = " ".join(exc.format_message().split())
             click.echo(f"error: {message} (see `{where} --help`)", err=True)
             sys.exit(exc.exit_code)
@@ -185,7 +186,7 @@ def validate(job: Path, input_: Path | None, shown: int, **flags: Any) -> None:
     click.echo(f"output {plan.output}")
     _show_rows(plan, shown)
     if plan.key_problem is not None:  # `run` refuses without it; checking needs none
-        click.echo(f"note: {plan.key_problem}", err=True)
+        click.echo(f"note: {plan.key_problem}")
     checked = check_rows(plan)
     if not checked.failing:
         click.echo(f"\nall {checked.rows:,} rows render")
