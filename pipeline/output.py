@@ -85,13 +85,9 @@ def _joined(
 
 def _decode_fields(frame: pl.DataFrame, fields: pl.Struct) -> pl.DataFrame:
     """A JSON answer's fields as typed columns, after `response`; null where not ok."""
-    decoded = (
-        pl.when(pl.col("status") == "ok")
-        .then(pl.col("response"))
-        .str.json_decode(fields)
-        .alias("__fields")
-    )
-    return frame.with_columns(decoded).unnest("__fields")
+    # Unnested in place: a temporary column's name could be an input column's.
+    decoded = pl.when(pl.col("status") == "ok").then(pl.col("response")).str.json_decode(fields)
+    return frame.with_columns(decoded.struct.unnest())
 
 
 def _write_parquet(tmp: Path, frames: Iterator[pl.DataFrame], metadata: Mapping[str, str]) -> int:
@@ -183,7 +179,15 @@ def check_writable(path: Path, batch: pl.DataFrame, *, shape: OutputShape, prefi
     types are the job's, so what writes here writes for the whole table.
     """
     fmt = output_format(path)
-    frame = _joined(batch, _sample_results(batch, shape), shape, prefix)
+    try:
+        frame = _joined(batch, _sample_results(batch, shape), shape, prefix)
+    except _WRITE_ERRORS as exc:
+        lines = str(exc).strip().splitlines()
+        raise JobError(
+            f"the output {path} cannot be made from this input and job "
+            f"({lines[0][:200] if lines else type(exc).__name__}); rename the input's columns "
+            'or set [output] prefix = "llm_"'
+        ) from None
     with tempfile.TemporaryDirectory(prefix="pipeline-check-") as folder:
         problem = _write_problem(Path(folder) / f"all{path.suffix}", fmt, frame)
         if problem is None:

@@ -268,10 +268,109 @@ def _fields(job: Job, schema: dict[str, Any] | None) -> pl.Struct | None:
             f"the JSON schema breaks OpenAI's strict mode rules at {problem}; "
             "or set strict = false in [request.json_schema]"
         )
+    inlined = _inline_refs(schema, schema)
     try:
-        return fields_dtype(schema)
+        fields = fields_dtype(inlined)
     except ValueError as exc:
         raise SpecError(f"the JSON schema: {exc}") from None
+    if problem := _loose_field(inlined, "(root)"):
+        raise SpecError(
+            f"the JSON schema at {problem}, which its typed output column cannot hold (the "
+            "output could not be written after the answers were paid for): give it one "
+            '`type`, e.g. "type": "string", and arrays their `items`'
+        )
+    return fields
+
+
+#: How deep `$ref`s are followed to type the output's columns; deeper is recursive.
+MAX_REF_DEPTH = 16
+#: What an answer's value of each JSON type decodes into without error, by column type.
+_DECODES: dict[str, set[str]] = {
+    "string": {"string", "number", "integer", "boolean"},
+    "integer": {"integer", "number"},
+    "number": {"integer", "number"},
+    "boolean": {"boolean"},
+    "object": {"object"},
+    "array": {"array"},
+}
+_JSON_KIND = {str: "string", bool: "boolean", int: "integer", float: "number", dict: "object"}
+
+
+def _inline_refs(schema: Any, root: dict[str, Any], depth: int = 0) -> Any:
+    """The schema with its local `$ref`s replaced by what they point at, to type columns."""
+    if isinstance(schema, list):
+        return [_inline_refs(item, root, depth) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        if depth >= MAX_REF_DEPTH or not ref.startswith("#"):
+            raise SpecError(
+                f"the JSON schema's `$ref` {ref!r} is recursive or not in the schema itself: "
+                "its answers cannot be typed as output columns; inline it, or make that "
+                'property a string ("type": "string")'
+            )
+        target: Any = root
+        for part in ref.removeprefix("#").strip("/").split("/") if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            target = target.get(part) if isinstance(target, dict) else None
+        if not isinstance(target, dict):
+            raise SpecError(f"the JSON schema's `$ref` {ref!r} points at nothing in the schema")
+        rest = {k: v for k, v in schema.items() if k != "$ref"}
+        return _inline_refs({**target, **rest}, root, depth + 1)
+    return {k: _inline_refs(v, root, depth) for k, v in schema.items()}
+
+
+def _admits(schema: dict[str, Any]) -> set[str] | None:
+    """The JSON types (null aside) a schema admits; None for any."""
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = set(kind) if isinstance(kind, list) else {kind}
+    elif isinstance(options := schema.get("anyOf") or schema.get("oneOf"), list):
+        kinds = set()
+        for option in options:
+            sub = _admits(option) if isinstance(option, dict) else None
+            if sub is None:
+                return None
+            kinds |= sub
+    elif isinstance(values := schema.get("enum"), list) or "const" in schema:
+        values = values if isinstance(values, list) else [schema["const"]]
+        kinds = {_JSON_KIND.get(type(v), "array") for v in values if v is not None}
+    else:
+        return None
+    return kinds - {"null"}
+
+
+def _loose_field(schema: Any, where: str) -> str | None:
+    """Where a schema admits a value its column type (as `fields_dtype` picks it) cannot
+    decode, said as 'PATH admits ...'; None if nowhere."""
+    if not isinstance(schema, dict):
+        return None
+    admitted = _admits(schema)
+    if admitted is None:
+        return f"{where} admits any JSON value (it has no `type`)"
+    typed = schema
+    if "type" not in schema and isinstance(
+        options := schema.get("anyOf") or schema.get("oneOf"), list
+    ):
+        typed = next((o for o in options if isinstance(o, dict) and o.get("type") != "null"), {})
+    kind = typed.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    kind = kind if isinstance(kind, str) else "string"
+    extra = admitted - _DECODES.get(kind, {"string"})
+    if extra:
+        return f"{where} admits {' and '.join(sorted(extra))} values as well as {kind}"
+    if kind == "object":
+        for name, sub in (typed.get("properties") or {}).items():
+            if problem := _loose_field(sub, f"{where}/{name}"):
+                return problem
+    if kind == "array":
+        items = typed.get("items")
+        if not isinstance(items, dict):
+            return f"{where} is an array with no `items` schema"
+        return _loose_field(items, f"{where}/items")
+    return None
 
 
 def _target(job: Job, opts: RunOptions, env: Mapping[str, str]) -> tuple[str | None, str | None]:

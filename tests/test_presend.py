@@ -49,6 +49,17 @@ def schema_job(directory: Path, schema: dict[str, Any], **json_schema: Any) -> P
     )
 
 
+def schema_file_job(directory: Path, schema: dict[str, Any]) -> Path:
+    """A job whose schema is a file (keys such as `$defs` are not bare TOML keys)."""
+    (directory / "answer.schema.json").write_bytes(orjson.dumps(schema))
+    return write_job(
+        directory,
+        ROWS,
+        request={"response_format": "json_schema"},
+        tables={"request.json_schema": {"file": "answer.schema.json"}},
+    )
+
+
 def obj(**properties: Any) -> dict[str, Any]:
     """A strict-mode object schema with these properties."""
     return {
@@ -421,3 +432,71 @@ def test_any_error_a_template_raises_is_its_rows_failure(tmp_path: Path, sim: Se
     assert out["status"].to_list() == ["ok", "failed"]
     assert "ZeroDivisionError" in out["error"][1]
     assert sim.sim.stats.requests == 1
+
+
+@pytest.mark.parametrize(
+    ("prop", "fragment"),
+    [
+        pytest.param({}, "(root)/x admits any JSON value", id="untyped"),
+        pytest.param({"type": "array"}, "(root)/x is an array with no `items`", id="no-items"),
+        pytest.param(
+            {"type": ["string", "object"]},
+            "(root)/x admits object values as well as string",
+            id="string-or-object",
+        ),
+        pytest.param(
+            {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+            "(root)/x admits string values as well as integer",
+            id="any-of-integer-or-string",
+        ),
+        pytest.param(
+            {"type": "array", "items": {"type": ["boolean", "number"]}},
+            "(root)/x/items admits number values as well as boolean",
+            id="items-boolean-or-number",
+        ),
+    ],
+)
+def test_schema_values_a_typed_column_cannot_hold_are_refused(
+    tmp_path: Path, sim: Server, prop: dict[str, Any], fragment: str
+) -> None:
+    """The answer would pass the schema, then fail to decode into its column at the end."""
+    job = schema_job(tmp_path, obj(x=prop), strict=False)
+
+    refused(run_job(job, sim), sim, fragment, "give it one `type`")
+
+
+def test_schema_refs_type_their_columns(tmp_path: Path, sim: Server) -> None:
+    schema = {
+        **obj(
+            item={"$ref": "#/$defs/Item"}, tags={"type": "array", "items": {"$ref": "#/$defs/Tag"}}
+        ),
+        "$defs": {"Item": obj(name={"type": "string"}), "Tag": {"type": "string"}},
+    }
+    job = schema_file_job(tmp_path, schema)
+
+    result = run_job(job, sim)
+
+    assert result.exit_code in (0, 1), result.output
+    out = read_output(tmp_path / "out.parquet")
+    assert out.schema["item"] == pl.Struct({"name": pl.String})
+    assert out.schema["tags"] == pl.List(pl.String)
+
+
+def test_recursive_schema_ref_is_refused(tmp_path: Path, sim: Server) -> None:
+    node = obj(child={"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]})
+    job = schema_file_job(tmp_path, {**obj(root={"$ref": "#/$defs/Node"}), "$defs": {"Node": node}})
+
+    refused(run_job(job, sim), sim, "is recursive")
+
+
+def test_input_column_named_like_a_temporary_one(tmp_path: Path, sim: Server) -> None:
+    (tmp_path / "input.ndjson").write_text('{"text": "a", "__fields": 1}\n')
+    job = schema_job(tmp_path, obj(a={"type": "string"}))
+    job.write_text(job.read_text().replace('"input.csv"', '"input.ndjson"'))
+
+    result = run_job(job, sim)
+
+    assert result.exit_code == 0, result.output
+    out = read_output(tmp_path / "out.parquet")
+    assert out["__fields"].to_list() == [1]
+    assert out["status"].to_list() == ["ok"]
