@@ -308,12 +308,23 @@ def _when(timestamp: float) -> str:
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--api-key", envvar="PIPELINE_SIMULATOR_KEY", help="Require this bearer key.")
+@_errors_to_exit
 def simulate(host: str, port: int, faults: str, **config: Any) -> None:
     """Serve an OpenAI-compatible simulator (chat, embeddings, models)."""
     from pipeline.simulator import SimConfig, serve
 
     kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
-    serve(SimConfig(faults=kinds, **config), host=host, port=port)
+    try:
+        settings = SimConfig(faults=kinds, **config)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--faults") from None
+    try:
+        serve(settings, host=host, port=port)
+    except OSError as exc:  # the port is taken, or the host is not this machine's
+        raise JobError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port "
+            "(0 picks a free one) or --host"
+        ) from None
 
 
 def _usd(amount: float) -> str:

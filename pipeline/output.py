@@ -179,6 +179,8 @@ def check_writable(path: Path, batch: pl.DataFrame, *, shape: OutputShape, prefi
     types are the job's, so what writes here writes for the whole table.
     """
     fmt = output_format(path)
+    if path.is_dir():
+        raise OutputRefused(f"the output {path} is a directory: name a .parquet or .csv file")
     try:
         frame = _joined(batch, _sample_results(batch, shape), shape, prefix)
     except _WRITE_ERRORS as exc:

@@ -505,3 +505,25 @@ def test_fuzzed_job_keys_run_to_a_documented_end(
         )
         assert result.exit_code in {0, 1, 2}, result.output
         assert "Traceback" not in result.output
+
+
+def test_output_that_is_a_directory_is_refused_before_sending(tmp_path: Path, sim: Server) -> None:
+    job = write_job(tmp_path, ROWS)
+    (tmp_path / "taken.parquet").mkdir()
+
+    result = invoke("run", job, "--base-url", sim.url, "--output", tmp_path / "taken.parquet")
+
+    one_line_error(result, "is a directory")
+    assert sim.sim.stats.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        pytest.param(["--faults", "500,bogus"], "unknown fault kinds ['bogus']", id="fault-kind"),
+        pytest.param(["--host", "999.1.1.1", "--port", "0"], "cannot listen on", id="bad-host"),
+        pytest.param(["--port", "70000"], "--port", id="port-range"),
+    ],
+)
+def test_simulate_options_are_one_line(args: list[str], fragment: str) -> None:
+    one_line_error(invoke("simulate", *args), fragment)
