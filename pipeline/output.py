@@ -128,7 +128,9 @@ def _flat(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    # `default=str`: a value orjson has no form for (a Decimal in a list, say) is written
+    # as its text rather than failing the write of a table whose answers are paid for.
+    return None if value is None else orjson.dumps(value, default=str).decode()
 
 
 def atomic_write(path: Path, write: Callable[[Path], int]) -> int:
