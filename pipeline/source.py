@@ -170,6 +170,8 @@ def open_source(
     path = Path(path)
     _check_file(path)
     fmt = _format_of(path, format)
+    if fmt != "csv" and separator != CSV_SEPARATOR:
+        raise _input_error(path, f"is {fmt}, and [input] separator is for CSV only; remove it")
     _check_content(path, fmt)
     if fmt == "csv":
         schema, rows = _read_csv(path, separator)

@@ -527,3 +527,10 @@ def test_output_that_is_a_directory_is_refused_before_sending(tmp_path: Path, si
 )
 def test_simulate_options_are_one_line(args: list[str], fragment: str) -> None:
     one_line_error(invoke("simulate", *args), fragment)
+
+
+def test_a_separator_on_a_file_that_is_not_csv_is_refused(tmp_path: Path) -> None:
+    job = write_job(tmp_path, pl.DataFrame(ROWS), input_name="input.parquet")
+    job.write_text(job.read_text().replace("[input]\n", '[input]\nseparator = ";"\n'))
+
+    one_line_error(invoke("validate", job), "separator is for CSV only")
