@@ -338,11 +338,20 @@ def _read_schema_file(path: Path) -> dict[str, Any]:
         schema = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SpecError(f"cannot read the JSON schema file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(_not_utf8(path, exc)) from None
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
     if not isinstance(schema, dict):
         raise SpecError(f"{path}: a JSON schema must be an object")
     return schema
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> str:
+    return (
+        f"{path}: byte 0x{exc.object[exc.start]:02X} at offset {exc.start} is not UTF-8; "
+        "save the file as UTF-8"
+    )
 
 
 def load_job(path: Path) -> Job:
@@ -353,6 +362,8 @@ def load_job(path: Path) -> Job:
         raise SpecError(f"job file not found: {path}") from None
     except OSError as exc:
         raise SpecError(f"cannot read job file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(_not_utf8(path, exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
     root = path.resolve().parent

@@ -534,3 +534,76 @@ def test_a_separator_on_a_file_that_is_not_csv_is_refused(tmp_path: Path) -> Non
     job.write_text(job.read_text().replace("[input]\n", '[input]\nseparator = ";"\n'))
 
     one_line_error(invoke("validate", job), "separator is for CSV only")
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        pytest.param("job.toml", None, id="job-file"),
+        pytest.param("answer.schema.json", b'{"type": "object", "x": "caf\xe9"}', id="schema"),
+    ],
+)
+def test_latin1_job_and_schema_files_are_one_line(
+    tmp_path: Path, name: str, content: bytes | None
+) -> None:
+    job = write_job(
+        tmp_path,
+        ROWS,
+        request={"response_format": "json_schema"},
+        tables={"request.json_schema": {"file": "answer.schema.json"}},
+    )
+    if content is None:
+        job.write_bytes(job.read_bytes() + b"# caf\xe9\n")
+    else:
+        (tmp_path / name).write_bytes(content)
+
+    one_line_error(invoke("validate", job), "byte 0xE9", "is not UTF-8")
+
+
+@fuzz_settings(80)
+@given(
+    suffix=st.sampled_from([".csv", ".ndjson", ".parquet"]),
+    content=st.one_of(
+        st.binary(max_size=200),
+        st.lists(
+            st.sampled_from(
+                [
+                    b"id,text\n",
+                    b"1,a\n",
+                    b'"',
+                    b",",
+                    b";",
+                    b"\r",
+                    b"\n",
+                    b"\x00",
+                    b"\xff",
+                    b'{"text": 1}\n',
+                    b"{",
+                    b"PAR1",
+                    b"\xef\xbb\xbf",
+                    b"text\n",
+                    b"\t",
+                ]
+            ),
+            max_size=12,
+        ).map(b"".join),
+    ),
+)
+def test_fuzzed_input_bytes_never_raise(suffix: str, content: bytes) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        job = write_job(Path(folder), ROWS, template={"user": "{{ text }}"})
+        (Path(folder) / f"input{suffix}").write_bytes(content)
+        job.write_text(job.read_text().replace('"input.csv"', f'"input{suffix}"'))
+
+        check_quiet(invoke("validate", job))
+
+
+@fuzz_settings(60)
+@given(noise=st.binary(max_size=40), where=st.integers(min_value=0, max_value=200))
+def test_fuzzed_job_file_bytes_never_raise(noise: bytes, where: int) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        job = write_job(Path(folder), ROWS)
+        text = job.read_bytes()
+        job.write_bytes(text[:where] + noise + text[where:])
+
+        check_quiet(invoke("validate", job))
