@@ -493,14 +493,20 @@ class Estimate:
 
 def estimate(plan: Plan) -> Estimate:
     """Render every row and add up what the run would cost. Sends nothing."""
-    rows = rejected = prompt = 0
+    rows = rejected = prompt = limits_hit = 0
     for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
         for row in batch.iter_rows(named=True):
             try:
                 prompt += plan.endpoint.item(plan.renderer.render(row)).tokens
                 rows += 1
-            except (NullValue, RenderFailed, RowProblem):
+            except (NullValue, RenderFailed, RowProblem) as exc:
                 rejected += 1
+                limits_hit += isinstance(exc, RenderLimit)
+                if limits_hit >= LIMIT_ROWS:  # each takes MAX_RENDER_S: do not grind on
+                    raise TemplateError(
+                        f"{limits_hit} rows ran past the render limits, so the template is "
+                        f"what to fix ({exc}); `pipeline validate` shows the rows"
+                    ) from None
     completion = rows * plan.endpoint.max_output_tokens()
     limits = plan.job.limits
     requests = -(-rows // plan.endpoint.batch_rows)

@@ -500,3 +500,10 @@ def test_input_column_named_like_a_temporary_one(tmp_path: Path, sim: Server) ->
     out = read_output(tmp_path / "out.parquet")
     assert out["__fields"].to_list() == [1]
     assert out["status"].to_list() == ["ok"]
+
+
+def test_estimate_stops_on_a_template_that_always_loops(tmp_path: Path, sim: Server) -> None:
+    rows = [{"id": i, "text": f"row {i}"} for i in range(20)]
+    job = write_job(tmp_path, rows, template={"user": NESTED_LOOPS})
+
+    refused(invoke("estimate", job), sim, "3 rows ran past the render limits")
