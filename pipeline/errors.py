@@ -28,6 +28,7 @@ never a match on a message:
     ├── RowFailed                 this row fails, no retry (400, 413, 422, too large)
     │   ├── ResponseTooLarge          the answer's body is over the size cap
     │   ├── RowRejected               never sent: a null the job forbids, a template error
+    │   │   └── PromptTooLarge            over the context window or the job's TPM
     │   ├── PromptFiltered            the provider's content filter refused the prompt
     │   └── ResponseInvalid           answered, but not JSON / not matching the schema
     │       └── AnswerFiltered            the content filter withheld the answer
@@ -181,6 +182,14 @@ class RowRejected(RowFailed):
     """The row could not be made into a request (a null the job forbids, a template error)."""
 
     kind = "invalid_row"
+
+
+class PromptTooLarge(RowRejected):
+    """Never sent: the prompt is over the model's context window, or the request over
+    the job's tokens per minute (it could never be admitted)."""
+
+    kind = "too_large"
+    job_signal = False
 
 
 class PromptFiltered(RowFailed):

@@ -27,16 +27,17 @@ import orjson
 import polars as pl
 
 from pipeline import __version__
+from pipeline.bounds import RowBounds
 from pipeline.dispatch import Dispatcher, Outcome, RetryPolicy, Work, rejected
 from pipeline.endpoints import Answer, Endpoint, HttpRequest, RowProblem, Usage
 from pipeline.endpoints.base import JSON
 from pipeline.endpoints.tools import ToolRunner
 from pipeline.errors import (
     BudgetReached,
-    Interrupted,
     JobError,
     OutputError,
     PipelineError,
+    PromptTooLarge,
     RowRejected,
 )
 from pipeline.journal import Journal, Totals
@@ -46,6 +47,7 @@ from pipeline.parse import RowResult, to_results
 from pipeline.plan import BATCH_ROWS, Plan, fingerprint, limited
 from pipeline.progress import Counters, Display
 from pipeline.render import NullValue, RenderFailed
+from pipeline.signals import Signals, stopped
 from pipeline.source import ROW_INDEX
 from pipeline.spec import Job, digest
 from pipeline.transport import AiohttpTransport
@@ -110,6 +112,8 @@ class Runner:
         #: Rows of a batching endpoint waiting to fill a request.
         self._group: list[Work] = []
         self._group_tokens = 0
+        #: Rows too big to ever be answered fail before sending.
+        self._bounds = RowBounds.for_job(job)
 
     async def run(self, transport: AiohttpTransport) -> Dispatcher:
         limits = self.plan.job.limits
@@ -245,11 +249,16 @@ class Runner:
             except (NullValue, RenderFailed, RowProblem) as exc:
                 ready.append(rejected(index, RowRejected(str(exc))))
                 continue
+            size = item.tokens + extra_tokens
+            too_big = self._bounds.problem(prompt_tokens=item.tokens, request_tokens=size)
+            if too_big is not None:
+                ready.append(rejected(index, PromptTooLarge(too_big)))
+                continue
             works.append(
                 Work(
                     rows=(index,),
                     request=_UNSENT,
-                    tokens=item.tokens + extra_tokens,
+                    tokens=size,
                     digests=(_digest(item.key),),
                     weights=(item.tokens,),
                     payload=item.payload,
@@ -513,17 +522,17 @@ async def _server(plan: Plan) -> AsyncIterator[str]:
 
 
 async def _run_with_signals(runner: Runner, job: Job, notify: Callable[[str], None]) -> Dispatcher:
-    """SIGINT/SIGTERM: stop taking rows and drain; a second signal (or DRAIN_S) cuts short."""
+    """SIGINT/SIGTERM: stop taking rows and drain; a second signal exits at once
+    (signals.py), and DRAIN_S cuts the drain short."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    signals = (signal.SIGINT, signal.SIGTERM)
 
-    def on_signal() -> None:
+    def on_signal(sig: signal.Signals) -> None:
         if runner.dispatcher is None or runner.dispatcher.stopped:
             task.cancel()
             return
-        stop = Interrupted("interrupted: finished rows are kept; run again to resume")
+        stop = stopped(sig, "interrupted: finished rows are kept; run again to resume")
         runner.dispatcher.stop(stop)
         loop.call_later(DRAIN_S, task.cancel)
         notify(
@@ -531,20 +540,19 @@ async def _run_with_signals(runner: Runner, job: Job, notify: Callable[[str], No
             "output is written; interrupt again to stop at once"
         )
 
-    for sig in signals:
-        loop.add_signal_handler(sig, on_signal)
     transport = AiohttpTransport(
         timeout_s=job.request.timeout_s,
         connect_timeout_s=job.request.connect_timeout_s,
+        max_body_bytes=runner.plan.endpoint.max_response_bytes,
     )
-    try:
-        async with transport:
-            return await runner.run(transport)
-    except asyncio.CancelledError:
-        raise Interrupted("interrupted twice: stopped at once; finished rows are kept") from None
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    with Signals(loop, on_signal) as signals:
+        try:
+            async with transport:
+                return await runner.run(transport)
+        except asyncio.CancelledError:
+            raise stopped(
+                signals.first, "stopped before the drain ended; finished rows are kept"
+            ) from None
 
 
 def _finish(plan: Plan, journal: Journal, runner: Runner, started: float) -> dict[str, Any]:

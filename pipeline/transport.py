@@ -44,8 +44,9 @@ LARGE_BODY_BYTES = 2**20
 #: The most decoded bytes read from one answer. A chat answer of 128 choices at a 128k
 #: window is a few MB; 32 MiB is far above any real one and keeps a gzip bomb (a small
 #: body that inflates to gigabytes) from becoming a row, a checkpoint and the memory.
-#: Endpoints whose answers are big by nature (embeddings, images) set their own.
-MAX_BODY_BYTES = 32 * 2**20
+#: Endpoints whose answers are big by nature (embeddings, images) set their own
+#: (`Endpoint.max_response_bytes`).
+MAX_BODY_BYTES = Endpoint.max_response_bytes
 #: Read the answer this much at a time, counting as it comes.
 _READ_CHUNK = 2**16
 #: What a likely cause of a connection that will not open is, and its fix.
