@@ -33,7 +33,14 @@ from pipeline.output import output_format, result_columns
 from pipeline.parse import AnswerCheck, OutputShape, fields_dtype, strict_schema_problem
 from pipeline.render import NullValue, Renderer, RenderFailed
 from pipeline.source import ROW_INDEX, Source, open_source
-from pipeline.spec import ANTHROPIC_BASE_URL, BASE_URL_ENV, OPENAI_BASE_URL, Job, PriceSpec
+from pipeline.spec import (
+    ANTHROPIC_BASE_URL,
+    BASE_URL_ENV,
+    MAX_CONCURRENCY,
+    OPENAI_BASE_URL,
+    Job,
+    PriceSpec,
+)
 
 #: Rows read, rendered and queued at a time: bounds memory whatever the input's size.
 BATCH_ROWS = 2_000
@@ -105,7 +112,13 @@ def journal_path(output: Path, override: Path | None = None) -> Path:
 
 
 def apply_options(job: Job, opts: RunOptions) -> Job:
-    """Flags win over the job file."""
+    """Flags win over the job file, within the same bounds."""
+    if opts.concurrency is not None and opts.concurrency > MAX_CONCURRENCY:
+        raise SpecError(
+            f"--concurrency {opts.concurrency} is more than {MAX_CONCURRENCY:,}, the most a "
+            f"run may have in flight (as for limits.concurrency): use --concurrency "
+            f"{MAX_CONCURRENCY} or less"
+        )
     req: dict[str, Any] = {"model": opts.model, "base_url": opts.base_url}
     lim: dict[str, Any] = {
         "rpm": opts.rpm,

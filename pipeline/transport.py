@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -69,10 +71,12 @@ class AiohttpTransport:
         connect_timeout_s: float,
         connections: int = 0,
         max_body_bytes: int = MAX_BODY_BYTES,
+        trust_env: bool = True,
     ):
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
         self._connections = connections
         self._max_body = max_body_bytes
+        self._trust_env = trust_env
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AiohttpTransport:
@@ -83,7 +87,7 @@ class AiohttpTransport:
             # Cookies a server sets are not ours to carry from one row to the next.
             cookie_jar=aiohttp.DummyCookieJar(),
             # HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and .netrc), as the official SDKs do.
-            trust_env=True,
+            trust_env=self._trust_env,
         )
         return self
 
@@ -111,6 +115,17 @@ class AiohttpTransport:
                 return HttpResponse(response.status, response.headers, body)
         except Exception as exc:
             raise map_exception(exc) from exc
+
+
+def is_loopback(url: str) -> bool:
+    """A URL on this machine: no proxy stands between (a proxy cannot reach it anyway)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:

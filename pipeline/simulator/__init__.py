@@ -38,6 +38,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -50,6 +51,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from array import array
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +89,18 @@ _MAX_EMBEDDING_INPUTS: Final = 2048
 _MAX_CHOICES: Final = 128
 # "slow" holds the answer this long: longer than the read timeouts tests configure.
 _SLOW_DELAY_S: Final = 2.0
+# "silent" accepts the request and never answers (stop() cancels it).
+_SILENT_S: Final = 3600.0
+# "bomb" sends a gzip body this big once inflated, from about 100 KB on the wire: more
+# than any client should hold for one answer.
+_BOMB_BYTES: Final = 128 * 2**20
+# "zerolimit" answers with remaining 0 and this reset: a client must wait, not stall.
+_ZERO_LIMIT_RESET: Final = "20ms"
+# "html" answers 200 with the page a captive portal or a proxy's login would send.
+_HTML_PAGE: Final = (
+    b"<!DOCTYPE html>\n<html><head><title>Sign in to the network</title></head>"
+    b"<body><form action='/login'>Accept the terms to continue</form></body></html>\n"
+)
 # stop() lets in-flight requests finish this long, then cancels them (a "slow" answer
 # must not hold a test's teardown for seconds).
 _SHUTDOWN_GRACE_S: Final = 0.5
@@ -369,7 +383,9 @@ _CANNED: Final[dict[str, tuple[int, dict[str, Any], dict[str, str]]]] = {
     ),
 }
 # Kinds that need the transport or the real answer rather than a canned body.
-_TRANSPORT_KINDS: Final = frozenset({"reset", "truncated", "malformed", "slow"})
+_TRANSPORT_KINDS: Final = frozenset(
+    {"reset", "truncated", "malformed", "slow", "html", "bomb", "silent", "zerolimit", "echokey"}
+)
 # Every kind works as a directive and in `SimConfig.faults`.
 _KINDS: Final = frozenset(_CANNED) | _TRANSPORT_KINDS | {"404model"}
 
@@ -1299,7 +1315,9 @@ class Simulator:
         started: float,
         answer: Callable[[], dict[str, Any]],
     ) -> web.StreamResponse:
-        """Answer with a transport-level fault: reset, truncated, malformed or slow."""
+        """Answer with a transport-level fault: reset, truncated, malformed or slow; or
+        a misbehaving server's answer: an HTML page, a gzip bomb, silence, rate-limit
+        headers at zero, a key echoed back."""
         transport = request.transport
         if kind == "reset" or transport is None:
             _reset(transport)
@@ -1307,6 +1325,8 @@ class Simulator:
         if kind == "slow":
             await asyncio.sleep(_SLOW_DELAY_S)
             return self._reply(200, orjson.dumps(answer()), started)
+        if kind in _MISBEHAVIOURS:
+            return await _MISBEHAVIOURS[kind](self, request, started, answer)
         body = orjson.dumps(answer())
         if kind == "malformed":
             return self._reply(200, body[: len(body) // 2], started)
@@ -1431,6 +1451,73 @@ def _directive(text: str, count: int) -> str | None:
     if times is not None and count > int(times):
         return None
     return kind
+
+
+async def _html(
+    sim: Simulator, request: web.Request, started: float, answer: Callable[[], dict[str, Any]]
+) -> web.StreamResponse:
+    return web.Response(body=_HTML_PAGE, status=200, content_type="text/html")
+
+
+async def _bomb(
+    sim: Simulator, request: web.Request, started: float, answer: Callable[[], dict[str, Any]]
+) -> web.StreamResponse:
+    headers = sim._headers(started)
+    headers.update({"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    return web.Response(body=_gzip_bomb(), status=200, headers=headers)
+
+
+async def _silent(
+    sim: Simulator, request: web.Request, started: float, answer: Callable[[], dict[str, Any]]
+) -> web.StreamResponse:
+    await asyncio.sleep(_SILENT_S)
+    return web.Response(status=504)
+
+
+async def _zero_limit(
+    sim: Simulator, request: web.Request, started: float, answer: Callable[[], dict[str, Any]]
+) -> web.StreamResponse:
+    zero = {}
+    for name in ("requests", "tokens"):
+        zero[f"x-ratelimit-limit-{name}"] = "100"
+        zero[f"x-ratelimit-remaining-{name}"] = "0"
+        zero[f"x-ratelimit-reset-{name}"] = _ZERO_LIMIT_RESET
+    return sim._reply(200, orjson.dumps(answer()), started, zero)
+
+
+async def _echo_key(
+    sim: Simulator, request: web.Request, started: float, answer: Callable[[], dict[str, Any]]
+) -> web.StreamResponse:
+    """A careless proxy's 401 that repeats the key it was given, whole."""
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    message = f"Incorrect API key provided: {given or request.headers.get('api-key', '')}."
+    body = _error_body(message, "invalid_request_error", "invalid_api_key")
+    return sim._reply(401, orjson.dumps(body), started)
+
+
+_Misbehaviour = Callable[
+    ["Simulator", web.Request, float, Callable[[], dict[str, Any]]],
+    Awaitable[web.StreamResponse],
+]
+_MISBEHAVIOURS: Final[dict[str, _Misbehaviour]] = {
+    "html": _html,
+    "bomb": _bomb,
+    "silent": _silent,
+    "zerolimit": _zero_limit,
+    "echokey": _echo_key,
+}
+
+
+@functools.cache
+def _gzip_bomb() -> bytes:
+    """A JSON-looking gzip body that inflates to _BOMB_BYTES (built once, in chunks)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip header and trailer
+    parts = [packer.compress(b'{"id": "bomb", "choices": [{"message": {"content": "')]
+    chunk = b"a" * 2**20
+    parts.extend(packer.compress(chunk) for _ in range(_BOMB_BYTES // len(chunk)))
+    parts.append(packer.compress(b'"}}]}'))
+    parts.append(packer.flush())
+    return b"".join(parts)
 
 
 def _reset(transport: asyncio.Transport | None) -> None:
