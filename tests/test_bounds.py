@@ -78,7 +78,8 @@ def test_request_over_the_jobs_tpm_fails_instead_of_stalling(tmp_path: Path, sim
     out = read_output(tmp_path / "out.parquet")
     assert out["status"].to_list() == ["ok", "failed", "ok"]
     assert out["error_type"][1] == "too_large"
-    assert "more than the job's tpm of 30,000" in out["error"][1] and "--tpm" in out["error"][1]
+    assert "more than the job's tpm of 30,000" in out["error"][1]
+    assert "--tpm" in out["error"][1]
     assert sim.sim.stats.requests == 2
 
 
@@ -93,7 +94,8 @@ def test_concurrency_flag_has_the_job_files_cap(tmp_path: Path, sim: Server) -> 
 
     assert result.exit_code == 2, result.output
     line = result.output.strip().splitlines()[-1]
-    assert line.startswith("error: --concurrency") and f"{MAX_CONCURRENCY} or less" in line
+    assert line.startswith("error: --concurrency")
+    assert f"{MAX_CONCURRENCY} or less" in line
     assert sim.sim.stats.requests == 0
 
 
@@ -163,7 +165,8 @@ def test_sigterm_exits_143_after_the_drain(tmp_path: Path) -> None:
     assert proc.returncode == 143, stderr
     assert "interrupted: finished rows are kept" in stderr
     status = read_output(tmp_path / "out.parquet")["status"].to_list()
-    assert "ok" in status and "pending" in status
+    assert "ok" in status
+    assert "pending" in status
 
 
 def test_second_sigint_exits_at_once_while_a_thread_never_returns(tmp_path: Path) -> None:

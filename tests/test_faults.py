@@ -88,8 +88,10 @@ def test_refused_port_halts_at_once_with_rows_pending(tmp_path: Path) -> None:
 
     assert result.returncode == 4, result.stderr
     line = one_line_error(result)
-    assert "connection refused" in line and "is the server running" in line
-    assert "--base-url" in line and "run the same command again" in line
+    assert "connection refused" in line
+    assert "is the server running" in line
+    assert "--base-url" in line
+    assert "run the same command again" in line
     all_pending(tmp_path)
 
 
@@ -112,8 +114,22 @@ def self_signed(tmp_path: Path) -> Iterator[tuple[str, list[int]]]:
         pytest.skip("needs the openssl command to make a self-signed certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
         check=True,
         capture_output=True,
         timeout=RUN_TIMEOUT_S,
@@ -168,8 +184,10 @@ def test_html_page_with_200_halts_after_a_few_requests_and_resumes(tmp_path: Pat
 
     assert result.returncode == 4, result.stderr
     line = one_line_error(result)
-    assert "HTML page" in line and "Sign in to the network" in line
-    assert "/v1" in line and "HTTPS_PROXY" in line
+    assert "HTML page" in line
+    assert "Sign in to the network" in line
+    assert "/v1" in line
+    assert "HTTPS_PROXY" in line
     assert sent <= CONCURRENCY + FIRST_OUTAGES, "halted early, not after every row"
     all_pending(tmp_path)
 
@@ -194,7 +212,8 @@ def test_server_that_never_answers_halts_with_rows_pending(tmp_path: Path) -> No
 
     assert result.returncode == 4, result.stderr
     line = one_line_error(result)
-    assert "no answer before the request deadline" in line and "request.timeout_s" in line
+    assert "no answer before the request deadline" in line
+    assert "request.timeout_s" in line
     assert sent <= CONCURRENCY + FIRST_OUTAGES
     all_pending(tmp_path)
 
@@ -257,7 +276,8 @@ def test_server_going_down_mid_run_halts_when_a_row_has_tried_it_all(tmp_path: P
         _, stderr = await asyncio.wait_for(child.communicate(), RUN_TIMEOUT_S)
         assert child.returncode == 4, stderr
         text = stderr.decode()
-        assert "since the last answer" in text and "connection refused" in text
+        assert "since the last answer" in text
+        assert "connection refused" in text
 
     asyncio.run(main())
     status = read_output(tmp_path / "out.parquet")["status"].to_list()
@@ -277,8 +297,10 @@ def test_429_storm_pauses_longer_each_time_then_halts_as_rate_limited() -> None:
         sent = storm.sim.stats.requests
 
     assert outcomes == [], "no row failed: every one stays pending"
-    assert halted is not None and "persistently rate limited" in halted
-    assert "--rpm" in halted and "run the same command again" in halted
+    assert halted is not None
+    assert "persistently rate limited" in halted
+    assert "--rpm" in halted
+    assert "run the same command again" in halted
     assert RATE_LIMIT_HALT_S <= took < RATE_LIMIT_HALT_S + 2 * RATE_LIMIT_PAUSE_MAX_S
     # Without growth the 200 ms retry-after would allow ~3,000 requests per worker.
     assert sent <= CONCURRENCY * 30, sent
