@@ -132,6 +132,15 @@ class DispatchStats:
     maybe_billed_retries: int = 0
 
 
+#: A gateway with no server behind it answers these; many in a row with no success
+#: between say the server is down, not that the request is wrong.
+_GATEWAY_DOWN = frozenset({502, 503, 504})
+
+
+def _gateway_down(failure: RequestFailure) -> bool:
+    return isinstance(failure, ServerError) and failure.status in _GATEWAY_DOWN
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -249,9 +258,11 @@ class Dispatcher:
                     self._limiter.slow_down()
                 tries += 1
                 last = not failure.should_retry or tries >= self._policy.max_attempts
-                if failure.outage and (halt := self.faults.outage(failure, gave_up=last)):
-                    self.stop(halt)
-                    return None  # the server is down, not the row: it stays pending
+                if failure.outage or _gateway_down(failure):
+                    halt = self.faults.outage(failure, gave_up=last, early=failure.outage)
+                    if halt is not None:
+                        self.stop(halt)
+                        return None  # the server is down, not the row: it stays pending
                 if last:
                     self._watch_repeats(failure)
                     return outcome

@@ -353,3 +353,25 @@ async def _storm(url: str) -> tuple[list[Outcome], str | None, float]:
         await ticker
     reason = dispatcher.stop_reason
     return outcomes, str(reason) if reason is not None else None, now[0]
+
+
+def test_gateway_errors_without_end_halt_as_a_server_down_not_a_wrong_request(
+    tmp_path: Path,
+) -> None:
+    # A 503 can be a passing blip, so it gets a row's whole retry cycle; then the run
+    # halts with the rows pending, not 25 rows failed as "the request is wrong".
+    job = write_job(
+        tmp_path,
+        rows(),
+        limits={"concurrency": CONCURRENCY, "backoff_s": 0.01, "max_attempts": 3},
+    )
+    with serving(fault_rate=1.0, faults=("503",)) as down:
+        result = run_cli(job, down.url)
+        sent = down.sim.stats.requests
+
+    assert result.returncode == 4, result.stderr
+    line = one_line_error(result)
+    assert "the server is not serving" in line
+    assert "HTTP 503" in line
+    assert sent <= CONCURRENCY * 3
+    all_pending(tmp_path)
