@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import polars as pl
 
+from pipeline.bounds import RowBounds
 from pipeline.cost import Pricer, make_pricer
 from pipeline.endpoints import (
     Endpoint,
@@ -264,7 +265,8 @@ def limited(batches: Iterator[pl.DataFrame], limit: int | None) -> Iterator[pl.D
 @dataclass(frozen=True)
 class Estimate:
     rows: int
-    #: Rows that would fail before sending (a null the job forbids, a template error).
+    #: Rows that would fail before sending (a null the job forbids, a template error,
+    #: a prompt over the context window or a request over the job's TPM).
     rejected: int
     prompt_tokens: int
     #: The most completion tokens the rows can use: rows x max_tokens.
@@ -279,14 +281,21 @@ class Estimate:
 def estimate(plan: Plan) -> Estimate:
     """Render every row and add up what the run would cost. Sends nothing."""
     rows = rejected = prompt = 0
+    too_big = RowBounds.for_job(plan.job)
+    out = plan.endpoint.max_output_tokens()
     for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
         for row in batch.iter_rows(named=True):
             try:
-                prompt += plan.endpoint.item(plan.renderer.render(row)).tokens
-                rows += 1
+                tokens = plan.endpoint.item(plan.renderer.render(row)).tokens
             except (NullValue, RenderFailed, RowProblem):
                 rejected += 1
-    completion = rows * plan.endpoint.max_output_tokens()
+                continue
+            if too_big.problem(prompt_tokens=tokens, request_tokens=tokens + out):
+                rejected += 1  # too big to send: it fails before sending
+                continue
+            prompt += tokens
+            rows += 1
+    completion = rows * out
     limits = plan.job.limits
     requests = -(-rows // plan.endpoint.batch_rows)
     bounds = [requests / limits.rpm if limits.rpm else 0.0]

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Server, read_output, run_job, serving, write_job
+from conftest import Server, invoke, read_output, run_job, serving, write_job
 
 from pipeline.bounds import context_window
 from pipeline.errors import SpecError
@@ -196,3 +196,12 @@ def test_concurrency_cap_holds_for_the_python_api_too(tmp_path: Path) -> None:
 
     with pytest.raises(SpecError, match=f"more than {MAX_CONCURRENCY:,}"):
         make_plan(job, RunOptions(concurrency=MAX_CONCURRENCY + 1, simulate=True))
+
+
+def test_estimate_counts_rows_too_big_to_send(tmp_path: Path) -> None:
+    job = write_job(tmp_path, rows(3, "word " * 40_000), limits={"tpm": 30_000})
+
+    result = invoke("estimate", job, "--simulate")
+
+    assert result.exit_code == 0, result.output
+    assert "1 rows would fail before sending" in result.output

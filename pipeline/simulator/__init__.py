@@ -27,7 +27,10 @@ From the command line `pipeline simulate` calls `serve(config, host, port)`.
 
 One row can be told how to fail: a last message (or embedding input) containing
 `<<sim:500>>` is answered with that fault every time, `<<sim:500:2>>` only the first
-two times that exact body arrives, then normally. `GET /_sim/stats` returns the
+two times that exact body arrives, then normally. Besides error answers, a kind can be a
+misbehaviour: "html" (a 200 with a captive portal's page), "bomb" (a gzip body that
+inflates to _BOMB_BYTES), "silent" (never answers), "zerolimit" (rate-limit headers at
+zero), "echokey" (a 401 that repeats the key). `GET /_sim/stats` returns the
 counters as JSON for a test in another process.
 """
 
