@@ -303,17 +303,22 @@ def _classify_429(
 
 
 def _not_an_api(response: HttpResponse) -> NotAnApi | None:
-    """A 2xx HTML page is not an API's answer: a proxy's login page, a captive portal, a
-    web site at the base URL (a missing /v1 often lands on one)."""
-    kind = response.headers.get("content-type", "").lower()
-    start = response.body[:64].lstrip().lower()
-    if "text/html" not in kind and not start.startswith((b"<!doctype html", b"<html")):
+    """A 2xx HTML page, or a body that says it is something other than JSON and does not
+    look like it, is not an API's answer (every endpoint answers JSON): a proxy's login
+    page, a captive portal, a web site at the base URL (a missing /v1 often lands on one).
+    A cut or garbled JSON body is not this: it is retried as a read failure."""
+    kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    start = response.body[:64].lstrip()
+    if "text/html" in kind or start.lower().startswith((b"<!doctype html", b"<html")):
+        what = f"an HTML page{_title(response.body)}"
+    elif kind and "json" not in kind and not start.startswith((b"{", b"[")):
+        what = f"a {kind} body"
+    else:
         return None
-    title = _title(response.body)
     return NotAnApi(
-        f"HTTP {response.status} with an HTML page{title} instead of the API's JSON: "
-        "the base URL is not the API (a missing /v1? a web site?) or a proxy or captive "
-        "portal answered; check --base-url and HTTPS_PROXY / NO_PROXY",
+        f"HTTP {response.status} with {what} instead of the API's JSON: the base URL is "
+        "not the API (a missing /v1? a web site?) or a proxy or captive portal answered; "
+        "check --base-url and HTTPS_PROXY / NO_PROXY",
         status=response.status,
     )
 

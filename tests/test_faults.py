@@ -19,16 +19,19 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from conftest import read_output, serving, write_job
+from multidict import CIMultiDict
 
 from pipeline.dispatch import Dispatcher, Outcome, RetryPolicy, Work
-from pipeline.endpoints import ChatCompletions, HttpRequest
+from pipeline.endpoints import ChatCompletions, HttpRequest, HttpResponse
+from pipeline.errors import ConnectFailed, Fatal, NotAnApi, RequestFailure
 from pipeline.faults import FIRST_OUTAGES, RATE_LIMIT_HALT_S, RATE_LIMIT_PAUSE_MAX_S
 from pipeline.limits import Limiter
 from pipeline.spec import RequestSpec
-from pipeline.transport import AiohttpTransport
+from pipeline.transport import AiohttpTransport, classify, map_exception
 
 #: Bound on every child run: each of these ends in a few seconds.
 RUN_TIMEOUT_S = 60
@@ -375,3 +378,81 @@ def test_gateway_errors_without_end_halt_as_a_server_down_not_a_wrong_request(
     assert "HTTP 503" in line
     assert sent <= CONCURRENCY * 3
     all_pending(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "what"),
+    [
+        pytest.param("text/html", b"<html><title>Log in</title></html>", '"Log in"', id="html"),
+        pytest.param("", b"  <!DOCTYPE html><html></html>", "an HTML page", id="html-untyped"),
+        pytest.param("text/plain", b"Service moved", "a text/plain body", id="plain-text"),
+        pytest.param("application/xml", b"<?xml ?><e/>", "application/xml", id="xml"),
+    ],
+)
+def test_a_2xx_that_is_not_json_is_not_the_api(content_type: str, body: bytes, what: str) -> None:
+    headers = CIMultiDict({"content-type": content_type} if content_type else {})
+
+    failure = classify(HttpResponse(200, headers, body), ENDPOINT, request_tokens=1)
+
+    assert isinstance(failure, NotAnApi)
+    assert what in failure.message
+    assert failure.outage
+    assert not failure.maybe_billed
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        pytest.param("application/json", b'{"choices": [', id="cut-json-is-a-read-failure"),
+        pytest.param("text/plain; charset=utf-8", b'{"choices": []}', id="json-as-text"),
+        pytest.param("", b"", id="untyped-empty"),
+    ],
+)
+def test_a_2xx_that_may_be_json_is_left_to_the_parser(content_type: str, body: bytes) -> None:
+    headers = CIMultiDict({"content-type": content_type} if content_type else {})
+
+    assert classify(HttpResponse(200, headers, body), ENDPOINT, request_tokens=1) is None
+
+
+CONN_KEY = aiohttp.client_reqrep.ConnectionKey("api.example", 443, True, True, None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected", "says"),
+    [
+        pytest.param(
+            aiohttp.ClientConnectorDNSError(CONN_KEY, OSError(-2, "Name or service not known")),
+            ConnectFailed,
+            "cannot resolve the host name 'api.example'",
+            id="dns",
+        ),
+        pytest.param(
+            aiohttp.ClientConnectorCertificateError(
+                CONN_KEY, ssl.SSLCertVerificationError(1, "self-signed certificate")
+            ),
+            Fatal,
+            "TLS certificate of api.example is not trusted",
+            id="certificate",
+        ),
+        pytest.param(
+            aiohttp.ClientConnectorSSLError(CONN_KEY, ssl.SSLError(1, "wrong version number")),
+            Fatal,
+            "http:// for a server without TLS",
+            id="tls-to-plain-http",
+        ),
+        pytest.param(
+            aiohttp.ClientConnectorError(CONN_KEY, ConnectionRefusedError(111, "refused")),
+            ConnectFailed,
+            "connection refused: is the server running on that port?",
+            id="refused",
+        ),
+    ],
+)
+def test_connect_failures_name_their_cause(
+    exc: BaseException, expected: type[RequestFailure], says: str
+) -> None:
+    failure = map_exception(exc)
+
+    assert type(failure) is expected
+    assert says in failure.message
+    assert "--base-url" in failure.message
