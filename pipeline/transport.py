@@ -165,6 +165,16 @@ def map_exception(exc: BaseException) -> RequestFailure:
             f"timed out connecting to the server: {_CHECK_URL}, the network, or a proxy "
             "(HTTPS_PROXY / NO_PROXY)"
         )
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return ConnectFailed(
+            f"cannot connect to the proxy {exc.host}:{exc.port} ({_reason(exc.os_error)}): "
+            "check HTTPS_PROXY / HTTP_PROXY, or list the API's host in NO_PROXY"
+        )
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return ConnectFailed(
+            f"the proxy refused to connect to the API ({exc.status} {exc.message}): check "
+            "HTTPS_PROXY / HTTP_PROXY (and its credentials), or list the host in NO_PROXY"
+        )
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return Fatal(
             f"the TLS certificate of {exc.host} is not trusted ({exc.certificate_error}): "

@@ -43,13 +43,17 @@ def rows(n: int = ROWS) -> list[dict[str, object]]:
     return [{"id": i, "text": f"row {i}"} for i in range(n)]
 
 
-def run_cli(job: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`pipeline run JOB --base-url URL`, as a user runs it, with no proxy or key."""
+def run_cli(
+    job: Path, url: str, *args: str, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`pipeline run JOB --base-url URL`, as a user runs it, with no proxy or key (but
+    those in `env_extra`)."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith("OPENAI_") and "proxy" not in k.lower()
     }
+    env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "pipeline", "run", str(job), "--base-url", url, *args],
         capture_output=True,
@@ -456,3 +460,50 @@ def test_connect_failures_name_their_cause(
     assert type(failure) is expected
     assert says in failure.message
     assert "--base-url" in failure.message
+
+
+@pytest.fixture
+def refusing_proxy() -> Iterator[tuple[str, list[bytes]]]:
+    """An HTTP proxy on 127.0.0.1 that refuses every tunnel (407); the request lines it got."""
+    heard: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append((await reader.readline()).strip())
+        writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_server(serve, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}", heard
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def test_https_proxy_from_the_environment_is_used_and_its_refusal_named(
+    tmp_path: Path, refusing_proxy: tuple[str, list[bytes]]
+) -> None:
+    proxy, heard = refusing_proxy
+    job = job_in(tmp_path)
+    url = "https://api.example.invalid/v1"
+
+    through = run_cli(job, url, env_extra={"HTTPS_PROXY": proxy})
+    tunnels = len(heard)
+    around = run_cli(job, url, env_extra={"HTTPS_PROXY": proxy, "NO_PROXY": "api.example.invalid"})
+
+    assert through.returncode == 4, through.stderr
+    line = one_line_error(through)
+    assert "the proxy refused to connect to the API (407" in line
+    assert heard[0] == b"CONNECT api.example.invalid:443 HTTP/1.1"
+    assert tunnels <= CONCURRENCY + FIRST_OUTAGES
+    assert around.returncode == 4, around.stderr
+    assert "proxy" not in one_line_error(around)
+    assert len(heard) == tunnels, "NO_PROXY: the host is reached without the proxy"
+    all_pending(tmp_path)
