@@ -45,6 +45,7 @@ from pipeline.limits import WARMUP_RATIO, Limiter
 from pipeline.output import write_bytes_atomic, write_output
 from pipeline.parse import RowResult, to_results
 from pipeline.plan import BATCH_ROWS, Plan, fingerprint, limited
+from pipeline.preflight import check_server
 from pipeline.progress import Counters, Display
 from pipeline.render import NullValue, RenderFailed
 from pipeline.signals import Signals, stopped
@@ -94,6 +95,7 @@ class Runner:
     def __init__(self, plan: Plan, journal: Journal, base_url: str, earlier: Totals):
         self.plan = plan
         self.journal = journal
+        self.base_url = base_url
         job = plan.job
         self.url = plan.provider.url(base_url, plan.endpoint.path)
         self.headers = plan.provider.headers(plan.api_key)
@@ -127,6 +129,13 @@ class Runner:
             tools=_ToolRounds(self, self.plan.tools) if self.plan.tools is not None else None,
             before_send=self._record_sending,
         )
+        # Before the first row: a server that cannot serve any halts the run here.
+        plan = self.plan
+        halt = await check_server(
+            transport, plan.provider, self.base_url, self.headers, plan.endpoint
+        )
+        if halt is not None:
+            dispatcher.stop(halt)
         # Bounded queues: a full inbox blocks the producer (backpressure), so memory
         # holds a batch and a few requests per worker, never the whole input.
         inbox: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=limits.concurrency * 2)

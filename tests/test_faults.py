@@ -9,6 +9,7 @@ and limiter against the simulator in virtual time, since it lasts minutes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -16,7 +17,7 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -507,3 +508,106 @@ def test_https_proxy_from_the_environment_is_used_and_its_refusal_named(
     assert "proxy" not in one_line_error(around)
     assert len(heard) == tunnels, "NO_PROXY: the host is reached without the proxy"
     all_pending(tmp_path)
+
+
+# The server check before the first row (preflight.py)
+
+
+@contextlib.contextmanager
+def plain_server(
+    routes: Callable[[web.Application, list[str]], None],
+) -> Iterator[tuple[str, list[str]]]:
+    """A purpose-built aiohttp server on 127.0.0.1; each request's 'METHOD path' heard."""
+    heard: list[str] = []
+    app = web.Application()
+    routes(app, heard)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}/v1", heard
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def captive_portal(app: web.Application, heard: list[str]) -> None:
+    async def page(request: web.Request) -> web.Response:
+        heard.append(f"{request.method} {request.path}")
+        return web.Response(
+            text="<html><title>Hotel Wi-Fi</title></html>", content_type="text/html"
+        )
+
+    app.router.add_route("*", "/{tail:.*}", page)
+
+
+def chat_only(app: web.Application, heard: list[str]) -> None:
+    """A server with no /models at all (its 404 for it is aiohttp's plain text)."""
+
+    async def chat(request: web.Request) -> web.Response:
+        heard.append(f"{request.method} {request.path}")
+        return web.json_response(
+            {
+                "id": "c",
+                "object": "chat.completion",
+                "model": "gpt-4o-mini",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "ok"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            }
+        )
+
+    app.router.add_post("/v1/chat/completions", chat)
+
+
+def test_html_at_models_halts_before_any_row_and_nothing_is_in_flight(tmp_path: Path) -> None:
+    job = job_in(tmp_path)
+    with plain_server(captive_portal) as (url, heard):
+        result = run_cli(job, url)
+
+    assert result.returncode == 4, result.stderr
+    line = one_line_error(result)
+    assert "before sending any row, GET" in line
+    assert '"Hotel Wi-Fi"' in line
+    assert heard == ["GET /v1/models"], "no row was sent"
+    all_pending(tmp_path)
+
+    with serving() as api:
+        resumed = run_cli(job, api.url)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "in flight" not in resumed.stderr, "nothing was sent, so nothing can be billed twice"
+
+
+def test_wrong_key_halts_at_the_models_check_with_no_row_sent(tmp_path: Path) -> None:
+    job = job_in(tmp_path)
+    with serving(api_key="sk-right-key-0123456789") as api:
+        result = run_cli(job, api.url, env_extra={"OPENAI_API_KEY": "sk-wrong-key-0123456789"})
+        stats = api.sim.stats
+
+    assert result.returncode == 4, result.stderr
+    line = one_line_error(result)
+    assert "authentication failed" in line
+    assert "sk-wrong-key-0123456789" not in result.stderr
+    assert (stats.requests, stats.listings) == (0, 1)
+    all_pending(tmp_path)
+
+
+def test_a_server_without_models_is_not_refused_for_it(tmp_path: Path) -> None:
+    job = job_in(tmp_path)
+    with plain_server(chat_only) as (url, heard):
+        result = run_cli(job, url)
+
+    assert result.returncode == 0, result.stderr
+    assert heard.count("POST /v1/chat/completions") == ROWS

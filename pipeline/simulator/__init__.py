@@ -189,6 +189,8 @@ class SimStats:
     errors: int = 0
     #: Tokens the admitted requests were charged against TPM (prompt + max output).
     tokens: int = 0
+    #: GET /models and /models/{id}: not API calls, and not in `requests`.
+    listings: int = 0
     by_body: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -201,6 +203,7 @@ class SimStats:
             "faults": self.faults,
             "errors": self.errors,
             "tokens": self.tokens,
+            "listings": self.listings,
             "by_body": dict(self.by_body),
         }
 
@@ -1169,7 +1172,9 @@ class Simulator:
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         listing = {"object": "list", "data": [_model_object(*m) for m in _MODELS]}
-        return await self._guarded(request, lambda started: self._ok(listing, started))
+        return await self._guarded(
+            request, lambda started: self._ok(listing, started, counted=False), counted=False
+        )
 
     async def _model(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["model"]
@@ -1178,9 +1183,9 @@ class Simulator:
         async def lookup(started: float) -> web.StreamResponse:
             if found is None:
                 raise _model_not_found(name, tally="errors")
-            return await self._ok(_model_object(*found), started)
+            return await self._ok(_model_object(*found), started, counted=False)
 
-        return await self._guarded(request, lookup)
+        return await self._guarded(request, lookup, counted=False)
 
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         async def refuse(started: float) -> web.StreamResponse:
@@ -1199,15 +1204,22 @@ class Simulator:
         request: web.Request,
         work: Callable[[float], Awaitable[web.StreamResponse]],
         dialect: _Dialect | None = None,
+        *,
+        counted: bool = True,
     ) -> web.StreamResponse:
         """Count, check the key, run `work`, and turn an `_ApiError` into its answer.
 
         A `dialect` (Anthropic's) checks its own key header and respells the errors and
         headers; the answers are built as OpenAI's first. A truncated fault's head is
         written raw and keeps OpenAI's names: no client reads headers of a cut body.
+        Not `counted`: listing models, which a client may do before its work (a server
+        check); it counts in `listings` alone, so `requests` stays the API calls.
         """
         started = time.perf_counter()
-        self.stats.requests += 1
+        if counted:
+            self.stats.requests += 1
+        else:
+            self.stats.listings += 1
         try:
             if dialect is None:
                 self._authorize(request)
@@ -1215,7 +1227,8 @@ class Simulator:
                 dialect.authorize(request, self.config.api_key)
             response = await work(started)
         except _ApiError as error:
-            self._tally(error.tally)
+            if counted:
+                self._tally(error.tally)
             if dialect is not None:
                 error = dialect.error(error)
             response = self._reply(error.status, orjson.dumps(error.body), started, error.headers)
@@ -1253,8 +1266,10 @@ class Simulator:
             )
         raise _ApiError(401, _error_body(message, "invalid_request_error", "invalid_api_key"))
 
-    async def _ok(self, payload: Mapping[str, Any], started: float) -> web.StreamResponse:
-        self.stats.ok += 1
+    async def _ok(
+        self, payload: Mapping[str, Any], started: float, *, counted: bool = True
+    ) -> web.StreamResponse:
+        self.stats.ok += counted
         return self._reply(200, orjson.dumps(payload), started)
 
     async def _post(
