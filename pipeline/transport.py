@@ -131,8 +131,10 @@ def is_loopback(url: str) -> bool:
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
     """The decoded body, or ResponseTooLarge as soon as it passes `cap` bytes."""
     declared = response.content_length
-    if declared is not None and declared > cap and not response.headers.get("content-encoding"):
-        raise _too_large(declared, cap, response.status)
+    if declared is not None and not response.headers.get("content-encoding"):
+        if declared > cap:
+            raise _too_large(declared, cap, response.status)
+        return await response.read()  # the usual answer: its size known and within the cap
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(_READ_CHUNK):
