@@ -611,3 +611,19 @@ def test_a_server_without_models_is_not_refused_for_it(tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert heard.count("POST /v1/chat/completions") == ROWS
+
+
+def test_a_key_echoed_back_in_a_401_goes_no_further(tmp_path: Path) -> None:
+    canary = "sk-canary-" + "Qx7" * 12
+    job = job_in(tmp_path)
+    with serving(fault_rate=1.0, faults=("echokey",)) as echo:
+        result = run_cli(job, echo.url, env_extra={"OPENAI_API_KEY": canary})
+        sent = echo.sim.stats.requests
+
+    assert result.returncode == 4, result.stderr
+    assert "authentication failed" in one_line_error(result)
+    assert sent <= CONCURRENCY
+    assert canary not in result.stderr + result.stdout
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert canary.encode() not in path.read_bytes(), path
