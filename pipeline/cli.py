@@ -19,10 +19,11 @@ import click
 from pipeline import __version__
 from pipeline.errors import JobError, PipelineError
 from pipeline.journal import Journal
+from pipeline.output import check_replaceable
 from pipeline.plan import Plan, RunOptions, apply_options, estimate, journal_path, make_plan
 from pipeline.progress import summary_table
 from pipeline.redact import env_keys, redact_all
-from pipeline.run import execute
+from pipeline.run import execute, recorded_output
 from pipeline.spec import load_job
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -154,6 +155,7 @@ def validate(job: Path, input_: Path | None, shown: int, **flags: Any) -> None:
     click.echo(f"model {plan.job.request.model}, prices from {plan.pricer.source}")
     click.echo(f"output {plan.output}")
     _show_rows(plan, shown)
+    check_replaceable(plan.output, recorded_output(plan.journal_path))
     if plan.key_problem is not None:
         raise JobError(plan.key_problem)
 
