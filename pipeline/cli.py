@@ -155,7 +155,7 @@ def validate(job: Path, input_: Path | None, shown: int, **flags: Any) -> None:
     click.echo(f"model {plan.job.request.model}, prices from {plan.pricer.source}")
     click.echo(f"output {plan.output}")
     _show_rows(plan, shown)
-    check_replaceable(plan.output, recorded_output(plan.journal_path))
+    check_replaceable(plan.output, recorded_output(plan.journal_path, plan.output))
     if plan.key_problem is not None:
         raise JobError(plan.key_problem)
 

@@ -192,6 +192,12 @@ def pending_record(path: Path) -> str:
     return orjson.dumps({"path": str(path), "pending": True}).decode()
 
 
+def legacy_record(path: Path, finished: float) -> str:
+    """For a checkpoint an earlier version wrote, which kept no record: its run that
+    finished at `finished` wrote the output, so a file no newer than that is its."""
+    return orjson.dumps({"path": str(path), "written_by": finished}).decode()
+
+
 #: The checkpoint's meta key for the output it wrote.
 OUTPUT_META = "output_file"
 
@@ -215,6 +221,8 @@ def check_replaceable(path: Path, recorded: str | None) -> None:
             return
         stat = path.stat()
         if (record.get("size"), record.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+            return
+        if stat.st_mtime <= record.get("written_by", -1.0):
             return
         why = "changed since this job wrote it"
     else:

@@ -48,6 +48,7 @@ from pipeline.limits import WARMUP_RATIO, Limiter
 from pipeline.output import (
     OUTPUT_META,
     check_replaceable,
+    legacy_record,
     output_record,
     pending_record,
     remove_leftovers,
@@ -436,7 +437,7 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
     if plan.key_problem is not None:
         raise JobError(plan.key_problem)
     check_disk(plan)
-    recorded = recorded_output(plan.journal_path)  # read before --fresh discards it
+    recorded = recorded_output(plan.journal_path, plan.output)  # before --fresh discards it
     journal = Journal.open(plan.journal_path, fingerprint(plan), fresh=plan.options.fresh)
     try:
         check_replaceable(plan.output, recorded)
@@ -470,7 +471,7 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
     return report
 
 
-def recorded_output(path: Path) -> str | None:
+def recorded_output(path: Path, output: Path) -> str | None:
     """The output the checkpoint at `path` says its job wrote, if it says."""
     if not path.exists():
         return None
@@ -479,11 +480,16 @@ def recorded_output(path: Path) -> str | None:
     except sqlite3.Error:  # not a checkpoint: Journal.open says so next
         return None
     try:
-        return checkpoint.meta(OUTPUT_META)
+        record = checkpoint.meta(OUTPUT_META)
+        finished = checkpoint.meta("last_finished")
     except sqlite3.Error:
         return None
     finally:
         checkpoint.close()
+    if record is None and finished:
+        # A checkpoint from before outputs were recorded: its last run wrote the output.
+        return legacy_record(output, float(finished))
+    return record
 
 
 def _kept_note(plan: Plan, exc: OutputError) -> str:

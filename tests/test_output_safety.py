@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ import pytest
 from aiohttp import web
 from conftest import Server, invoke, read_output, run_job, write_job
 
-from pipeline.output import TEMP_SUFFIX, atomic_write, remove_leftovers
+from pipeline.output import OUTPUT_META, TEMP_SUFFIX, atomic_write, remove_leftovers
 from pipeline.trust import TRUST_ENV
 
 REPO = Path(__file__).resolve().parent.parent
@@ -262,6 +263,27 @@ def test_an_output_left_when_its_checkpoint_was_removed_is_kept(
 
     assert result.exit_code == 2, result.output
     assert (tmp_path / "out.parquet").read_bytes() == before
+    assert sim.sim.stats.requests == 3
+
+
+def test_an_output_of_a_checkpoint_from_before_outputs_were_recorded_is_replaced(
+    tmp_path: Path, sim: Server
+) -> None:
+    """Upgrading must not refuse the rerun of a job an earlier version ran."""
+    job = write_job(tmp_path, texts(3))
+    assert run_job(job, sim).exit_code == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "out.journal.sqlite")) as db, db:
+        db.execute("DELETE FROM meta WHERE key = ?", (OUTPUT_META,))
+
+    assert run_job(job, sim).exit_code == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "out.journal.sqlite")) as db, db:
+        db.execute("DELETE FROM meta WHERE key = ?", (OUTPUT_META,))
+    later = time.time() + 60  # written after that run finished: not its output
+    os.utime(tmp_path / "out.parquet", (later, later))
+
+    result = run_job(job, sim)
+
+    assert result.exit_code == 2, result.output
     assert sim.sim.stats.requests == 3
 
 
