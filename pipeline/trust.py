@@ -99,7 +99,7 @@ def check_base_url(dest: Destination) -> None:
             f"base URL {dest.base_url!r} ({dest.chosen_by}) names no host: "
             "write it as https://host/v1"
         )
-    where = f"{host}:{url.port}" if url.port else host
+    where = f"{host}:{url.explicit_port}" if url.explicit_port else host
     if url.scheme == "http" and not is_loopback(host):
         raise SpecError(
             f"base URL {dest.base_url} ({dest.chosen_by}) is plain http:// to {where}, which "

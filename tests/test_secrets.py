@@ -67,7 +67,10 @@ async def _chat(request: web.Request, seen: Echo, status: int) -> web.Response:
     key = _key(request)
     seen.keys.append(key)
     body = await request.json()
-    prompt = str(body["messages"][-1]["content"])
+    content = body["messages"][-1]["content"]
+    if isinstance(content, list):  # Anthropic's content blocks
+        content = "".join(block.get("text", "") for block in content)
+    prompt = str(content)
     shown = key or "no-key"
     if prompt in _echoes(shown) or status != 200:
         message = _echoes(shown).get(prompt, _echoes(shown)["prefix"])
@@ -104,6 +107,7 @@ def echo_server(status: int = 200) -> Iterator[Echo]:
     async def serve() -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_post("/v1/messages", chat)  # Anthropic: the key in x-api-key
         runner = web.AppRunner(app, access_log=None)
         try:
             await runner.setup()
@@ -190,6 +194,27 @@ def test_an_echoed_key_is_in_no_file_and_no_output_of_the_run(tmp_path: Path) ->
     assert {p.name for p in written} >= {"out.parquet", "out.summary.json"}
     assert any(p.name.startswith("out.journal.sqlite") for p in written)
     for path in written:
+        assert not leaks(written_text(path)), path
+    assert not leaks(result.stdout + result.stderr)
+
+
+def test_an_anthropic_key_echoed_from_x_api_key_is_written_nowhere(tmp_path: Path) -> None:
+    job = write_job(
+        tmp_path,
+        rows("whole", "prefix", "upper", "slice"),
+        request={"provider": "anthropic", "model": "claude-3-5-haiku-latest"},
+    )
+
+    with echo_server() as server:
+        result = pipeline_command(
+            "run", job, "--base-url", server.url, env={"ANTHROPIC_API_KEY": CANARY}
+        )
+
+    assert result.returncode == 1, result.stderr
+    assert server.keys == [CANARY] * 4
+    out = read_output(tmp_path / "out.parquet")
+    assert all(REDACTED in e for e in out["error"].to_list())
+    for path in (p for p in tmp_path.rglob("*") if p.is_file()):
         assert not leaks(written_text(path)), path
     assert not leaks(result.stdout + result.stderr)
 
