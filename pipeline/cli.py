@@ -19,11 +19,11 @@ import click
 from pipeline import __version__
 from pipeline.errors import JobError, PipelineError
 from pipeline.journal import Journal
-from pipeline.output import check_replaceable
+from pipeline.output import check_replaceable, recorded_output
 from pipeline.plan import Plan, RunOptions, apply_options, estimate, journal_path, make_plan
 from pipeline.progress import summary_table
 from pipeline.redact import env_keys, redact_all
-from pipeline.run import execute, recorded_output
+from pipeline.run import execute
 from pipeline.spec import load_job
 
 F = TypeVar("F", bound=Callable[..., Any])

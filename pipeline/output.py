@@ -15,6 +15,7 @@ import contextlib
 import glob
 import os
 import re
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,27 @@ def check_replaceable(path: Path, recorded: str | None) -> None:
         f"the output {path} already exists and {why}: nothing was sent. Write elsewhere "
         "with --output PATH, or move or remove that file and run again"
     )
+
+
+def recorded_output(path: Path, output: Path) -> str | None:
+    """The output the checkpoint at `path` says its job wrote, if it says."""
+    if not path.exists():
+        return None
+    try:
+        checkpoint = Journal.read(path)
+    except sqlite3.Error:  # not a checkpoint: Journal.open says so next
+        return None
+    try:
+        record = checkpoint.meta(OUTPUT_META)
+        finished = checkpoint.meta("last_finished")
+    except sqlite3.Error:
+        return None
+    finally:
+        checkpoint.close()
+    if record is None and finished:
+        # A checkpoint from before outputs were recorded: its last run wrote the output.
+        return legacy_record(output, float(finished))
+    return record
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

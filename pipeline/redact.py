@@ -12,9 +12,14 @@ journal's `error`, the output, the summary JSON and stderr never carry a usable 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # spec.py imports this module; parse.py imports spec.py
+    from pipeline.parse import RowResult
 
 REDACTED = "[redacted]"
 #: The shortest prefix of a key that is redacted. Servers echo 8 or more characters
@@ -65,6 +70,22 @@ def redact_all(text: str, secrets: Iterable[str]) -> str:
 def env_keys(env: Mapping[str, str]) -> list[str]:
     """The values of the variables meant for API keys: redacted from any message shown."""
     return [v for k, v in env.items() if k.upper().endswith(KEY_VAR_SUFFIX) and v]
+
+
+def redact_result(result: RowResult, secret: str | None) -> RowResult:
+    """The result with any echo of the key taken out of the texts a server sent."""
+    if not secret:
+        return result
+    changed: dict[str, Any] = {}
+    for name in _SERVER_TEXTS:
+        value = getattr(result, name)
+        if isinstance(value, str) and (clean := redact(value, secret)) != value:
+            changed[name] = clean
+    return dataclasses.replace(result, **changed) if changed else result
+
+
+#: RowResult's fields whose text comes from the server, where an echoed key can hide.
+_SERVER_TEXTS = ("error", "response", "tool_calls", "finish_reason", "request_id", "model")
 
 
 @functools.lru_cache(maxsize=8)

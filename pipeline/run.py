@@ -18,12 +18,10 @@ import hashlib
 import re
 import shutil
 import signal
-import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -48,9 +46,9 @@ from pipeline.limits import WARMUP_RATIO, Limiter
 from pipeline.output import (
     OUTPUT_META,
     check_replaceable,
-    legacy_record,
     output_record,
     pending_record,
+    recorded_output,
     remove_leftovers,
     write_bytes_atomic,
     write_output,
@@ -58,7 +56,7 @@ from pipeline.output import (
 from pipeline.parse import RowResult, to_results
 from pipeline.plan import BATCH_ROWS, Plan, fingerprint, limited
 from pipeline.progress import Counters, Display
-from pipeline.redact import redact
+from pipeline.redact import redact, redact_result
 from pipeline.render import NullValue, RenderFailed
 from pipeline.source import ROW_INDEX
 from pipeline.spec import Job, digest
@@ -330,7 +328,7 @@ class Runner:
             outcome.answers = self._save_files(outcome.work, answers)
         everyone: list[RowResult] = []
         for result in to_results(outcome, self.plan.pricer):
-            result = _redacted(result, self.plan.api_key)
+            result = redact_result(result, self.plan.api_key)
             digest = result.request_hash or 0
             followers = self._leaders.pop(digest, [])
             if result.status == "ok" and digest:
@@ -469,27 +467,6 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
     finally:
         journal.close()
     return report
-
-
-def recorded_output(path: Path, output: Path) -> str | None:
-    """The output the checkpoint at `path` says its job wrote, if it says."""
-    if not path.exists():
-        return None
-    try:
-        checkpoint = Journal.read(path)
-    except sqlite3.Error:  # not a checkpoint: Journal.open says so next
-        return None
-    try:
-        record = checkpoint.meta(OUTPUT_META)
-        finished = checkpoint.meta("last_finished")
-    except sqlite3.Error:
-        return None
-    finally:
-        checkpoint.close()
-    if record is None and finished:
-        # A checkpoint from before outputs were recorded: its last run wrote the output.
-        return legacy_record(output, float(finished))
-    return record
 
 
 def _kept_note(plan: Plan, exc: OutputError) -> str:
@@ -647,22 +624,6 @@ def _finish(plan: Plan, journal: Journal, runner: Runner, started: float) -> dic
     }
     write_bytes_atomic(plan.summary_path, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     return summary
-
-
-def _redacted(result: RowResult, secret: str | None) -> RowResult:
-    """The result with any echo of the key taken out of the texts a server sent."""
-    if not secret:
-        return result
-    changed: dict[str, Any] = {}
-    for name in _SERVER_TEXTS:
-        value = getattr(result, name)
-        if isinstance(value, str) and (clean := redact(value, secret)) != value:
-            changed[name] = clean
-    return dataclasses.replace(result, **changed) if changed else result
-
-
-#: RowResult's fields whose text comes from the server, where an echoed key can hide.
-_SERVER_TEXTS = ("error", "response", "tool_calls", "finish_reason", "request_id", "model")
 
 
 def _safe_suffix(suffix: str) -> str:

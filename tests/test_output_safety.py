@@ -7,6 +7,7 @@ in the middle of the final write, and a write that fails after the answers were 
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import hashlib
@@ -375,37 +376,41 @@ def test_a_failed_write_removes_its_temporary_file(tmp_path: Path) -> None:
 # --- a write that fails after sending -----------------------------------------------
 
 
+CHAT_ANSWER = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "model": "gpt-4o-mini",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "an answer"},
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+}
+
+
 @contextlib.contextmanager
-def chat_server(on_request: Callable[[], None]) -> Iterator[tuple[str, list[int]]]:
-    """A loopback chat server that calls `on_request` before its first answer."""
+def json_server(
+    route: str, answer: object, on_request: Callable[[], None] = lambda: None
+) -> Iterator[tuple[str, list[int]]]:
+    """A loopback server that answers POST /v1`route` with `answer`, calling
+    `on_request` before its first answer; yields its base URL and the requests seen."""
     count: list[int] = []
     ready: concurrent.futures.Future[tuple[str, asyncio.AbstractEventLoop, asyncio.Event]]
     ready = concurrent.futures.Future()
 
-    async def chat(request: web.Request) -> web.Response:
+    async def handle(request: web.Request) -> web.Response:
         if not count:
             on_request()
         count.append(1)
         await request.read()
-        return web.json_response(
-            {
-                "id": "chatcmpl-1",
-                "object": "chat.completion",
-                "model": "gpt-4o-mini",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "an answer"},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
-            }
-        )
+        return web.json_response(answer)
 
     async def serve() -> None:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_post(f"/v1{route}", handle)
         runner = web.AppRunner(app, access_log=None)
         try:
             await runner.setup()
@@ -431,6 +436,30 @@ def chat_server(on_request: Callable[[], None]) -> Iterator[tuple[str, list[int]
         thread.join(timeout=30)
 
 
+def test_a_server_chosen_image_format_cannot_choose_where_the_file_goes(tmp_path: Path) -> None:
+    answer = {
+        "created": 1,
+        "data": [{"b64_json": base64.b64encode(b"not really a png").decode()}],
+        "output_format": "png/../../../escaped",
+        "usage": {"input_tokens": 5, "output_tokens": 10, "total_tokens": 15},
+    }
+    job = write_job(
+        tmp_path,
+        [{"id": 0, "text": "a cat"}],
+        request={"endpoint": "images.generations", "model": "gpt-image-1"},
+    )
+
+    with json_server("/images/generations", answer) as (url, requests):
+        result = invoke("run", job, "--base-url", url)
+
+    assert result.exit_code == 0, result.output
+    assert len(requests) == 1
+    path = Path(read_output(tmp_path / "out.parquet")["image_path"][0])
+    assert path == tmp_path / "out.files" / "0.bin"
+    assert path.read_bytes() == b"not really a png"
+    assert not list(tmp_path.parent.rglob("escaped*"))
+
+
 def test_a_write_that_fails_after_sending_keeps_the_answers_and_says_how(
     tmp_path: Path,
 ) -> None:
@@ -445,7 +474,7 @@ def test_a_write_that_fails_after_sending_keeps_the_answers_and_says_how(
         shutil.rmtree(out)
         out.write_text("in the way")
 
-    with chat_server(lose_the_folder) as (url, requests):
+    with json_server("/chat/completions", CHAT_ANSWER, lose_the_folder) as (url, requests):
         result = invoke("run", job, "--base-url", url, "--journal", str(checkpoint))
         assert result.exit_code == 1, result.output
         message = result.output.strip().splitlines()[-1]
