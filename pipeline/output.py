@@ -251,7 +251,8 @@ def recorded_output(path: Path, output: Path) -> str | None:
         checkpoint.close()
     if record is None and finished:
         # A checkpoint from before outputs were recorded: its last run wrote the output.
-        return legacy_record(output, float(finished))
+        with contextlib.suppress(ValueError):
+            return legacy_record(output, float(finished))
     return record
 
 
