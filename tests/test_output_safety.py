@@ -438,7 +438,7 @@ def test_a_server_chosen_image_format_cannot_choose_where_the_file_goes(tmp_path
     answer = {
         "created": 1,
         "data": [{"b64_json": base64.b64encode(b"not really a png").decode()}],
-        "output_format": "png/../../../escaped",
+        "output_format": "png/../../../traversed-by-server",
         "usage": {"input_tokens": 5, "output_tokens": 10, "total_tokens": 15},
     }
     job = write_job(
@@ -455,7 +455,7 @@ def test_a_server_chosen_image_format_cannot_choose_where_the_file_goes(tmp_path
     path = Path(read_output(tmp_path / "out.parquet")["image_path"][0])
     assert path == tmp_path / "out.files" / "0.bin"
     assert path.read_bytes() == b"not really a png"
-    assert not list(tmp_path.parent.rglob("escaped*"))
+    assert not list(tmp_path.parent.rglob("traversed-by-server*"))
 
 
 def test_a_write_that_fails_after_sending_keeps_the_answers_and_says_how(
