@@ -6,10 +6,12 @@ Failures of the run are exceptions; they stop the job and map to an exit code:
     ├── JobError                  2   bad job file, input or template; nothing was sent
     │   ├── SpecError                 the job file
     │   ├── InputError                the input table
-    │   └── TemplateError             the templates
+    │   ├── TemplateError             the templates
+    │   ├── Untrusted                 a host or path only the job file names, unconfirmed
+    │   └── OutputRefused             the output or checkpoint cannot be written there
     ├── BudgetReached             3   --max-cost reached
     ├── Halted                    4   the API says stop: auth, quota, unknown model, URL
-    ├── OutputError               1   the output or checkpoint cannot be written
+    ├── OutputError               1   writing the output or checkpoint failed after sending
     └── Interrupted             130   SIGINT
         └── Terminated          143   SIGTERM
 
@@ -65,6 +67,16 @@ class TemplateError(JobError):
     pass
 
 
+class Untrusted(JobError):
+    """The job file alone names where a key goes or where the output is written, and
+    the user has not confirmed it (--trust-job-hosts / PIPELINE_TRUST_JOB_HOSTS=1)."""
+
+
+class OutputRefused(JobError):
+    """The output, the checkpoint or a file beside them cannot or must not be written
+    there (a symlink, a file no run of this job wrote, no room); nothing was sent."""
+
+
 class BudgetReached(PipelineError):
     exit_code = 3
 
@@ -74,6 +86,8 @@ class Halted(PipelineError):
 
 
 class OutputError(PipelineError):
+    """Writing failed once requests were sent: the answers stay in the checkpoint."""
+
     exit_code = 1
 
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import io
-import ipaddress
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Protocol
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -115,17 +113,6 @@ class AiohttpTransport:
                 return HttpResponse(response.status, response.headers, body)
         except Exception as exc:
             raise map_exception(exc) from exc
-
-
-def is_loopback(url: str) -> bool:
-    """A URL on this machine: no proxy stands between (a proxy cannot reach it anyway)."""
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:

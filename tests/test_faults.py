@@ -105,7 +105,7 @@ def test_refused_port_halts_at_once_with_rows_pending(tmp_path: Path) -> None:
 
 def test_unresolvable_host_halts_with_the_name(tmp_path: Path) -> None:
     # .invalid never resolves (RFC 6761), with or without a network.
-    result = run_cli(job_in(tmp_path), "http://pipeline-test.invalid/v1")
+    result = run_cli(job_in(tmp_path), "https://pipeline-test.invalid/v1")
 
     assert result.returncode == 4, result.stderr
     line = one_line_error(result)
