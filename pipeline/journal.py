@@ -30,7 +30,7 @@ from typing import IO
 import orjson
 import polars as pl
 
-from pipeline.errors import JobError, OutputError
+from pipeline.errors import JobError, OutputError, OutputRefused
 from pipeline.parse import RESULT_SCHEMA, RowResult
 
 #: Stored beside RESULT_SCHEMA's columns, written to the output only for some jobs.
@@ -122,7 +122,7 @@ class Journal:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create {path.parent}: {exc.strerror}") from None
+            raise OutputRefused(f"cannot create {path.parent}: {exc.strerror}") from None
         lock = _lock(path)
         try:
             if fresh:
@@ -266,7 +266,7 @@ def _lock(path: Path) -> IO[str]:
     try:
         handle = open(lock_path, "a+")  # noqa: SIM115 - held open until close()
     except OSError as exc:
-        raise OutputError(f"cannot create the lock file {lock_path}: {exc.strerror}") from None
+        raise OutputRefused(f"cannot create the lock file {lock_path}: {exc.strerror}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

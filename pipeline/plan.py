@@ -20,6 +20,7 @@ import polars as pl
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from pipeline.bounds import RowBounds
 from pipeline.cost import Pricer, make_pricer
 from pipeline.endpoints import (
     Endpoint,
@@ -35,7 +36,23 @@ from pipeline.output import check_writable, output_format, result_columns
 from pipeline.parse import AnswerCheck, OutputShape, fields_dtype, strict_schema_problem
 from pipeline.render import NullValue, Renderer, RenderFailed, RenderLimit
 from pipeline.source import OTHER_SEPARATORS, ROW_INDEX, Source, open_source
-from pipeline.spec import ANTHROPIC_BASE_URL, BASE_URL_ENV, OPENAI_BASE_URL, Job, PriceSpec
+from pipeline.spec import (
+    ANTHROPIC_BASE_URL,
+    BASE_URL_ENV,
+    MAX_CONCURRENCY,
+    OPENAI_BASE_URL,
+    Job,
+    PriceSpec,
+    output_place,
+)
+from pipeline.trust import (
+    Destination,
+    Origin,
+    check_base_url,
+    check_output_place,
+    refuse_links,
+    trusted,
+)
 
 #: Rows read, rendered and queued at a time: bounds memory whatever the input's size.
 BATCH_ROWS = 2_000
@@ -69,6 +86,8 @@ class RunOptions:
     journal: Path | None = None
     #: USD per million input and output tokens, instead of the job's or genai-prices'.
     price: tuple[float, float] | None = None
+    #: The user confirms the hosts and the output place the job file names (trust.py).
+    trust_job_hosts: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,7 +134,13 @@ def journal_path(output: Path, override: Path | None = None) -> Path:
 
 
 def apply_options(job: Job, opts: RunOptions) -> Job:
-    """Flags win over the job file."""
+    """Flags win over the job file, within the same bounds."""
+    if opts.concurrency is not None and opts.concurrency > MAX_CONCURRENCY:
+        raise SpecError(
+            f"--concurrency {opts.concurrency} is more than {MAX_CONCURRENCY:,}, the most a "
+            f"run may have in flight (as for limits.concurrency): use --concurrency "
+            f"{MAX_CONCURRENCY} or less"
+        )
     req: dict[str, Any] = {"model": opts.model, "base_url": opts.base_url}
     lim: dict[str, Any] = {
         "rpm": opts.rpm,
@@ -130,7 +155,8 @@ def apply_options(job: Job, opts: RunOptions) -> Job:
     if opts.input is not None:
         updates["input"] = job.input.model_copy(update={"path": opts.input.resolve()})
     if opts.output is not None:
-        updates["output"] = job.output.model_copy(update={"path": opts.output.resolve()})
+        place = output_place(opts.output, Path.cwd())
+        updates["output"] = job.output.model_copy(update={"path": place})
     if opts.price is not None:
         updates["price"] = PriceSpec(input_per_mtok=opts.price[0], output_per_mtok=opts.price[1])
     return job.model_copy(update=updates)
@@ -163,7 +189,7 @@ def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -
         assert req.tools_module is not None
         tools = ToolRunner.load(req.tools_module, [t.name for t in req.tools])
     rows = source.count()
-    return Plan(
+    plan = Plan(
         job=job,
         source=source,
         renderer=renderer,
@@ -178,6 +204,29 @@ def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -
         key_problem=_key_problem(job, base_url, api_key),
         rows=min(rows, opts.limit) if opts.limit is not None else rows,
         options=opts,
+    )
+    _check_places(plan, env)
+    return plan
+
+
+def _check_places(plan: Plan, env: Mapping[str, str]) -> None:
+    """Where the run writes: a place the user chose, and never through a link."""
+    job = plan.job
+    check_output_place(
+        plan.output,
+        job_file=job.file or job.root,
+        job_root=job.root,
+        chosen_by_user=plan.options.output is not None,
+        trusted=trusted(plan.options.trust_job_hosts, env),
+    )
+    journal = plan.journal_path
+    refuse_links(
+        [
+            (plan.output, "--output"),
+            (plan.summary_path, "--output"),
+            (plan.files_dir, "--output"),
+            *((Path(f"{journal}{end}"), "--journal") for end in ("", "-wal", "-shm", ".lock")),
+        ]
     )
 
 
@@ -388,12 +437,34 @@ def _target(job: Job, opts: RunOptions, env: Mapping[str, str]) -> tuple[str | N
     base_url = base_url.rstrip("/")
     if urlsplit(base_url).scheme not in ("http", "https"):
         raise SpecError(f"base URL {base_url!r} must start with http:// or https://")
+    api_key = env.get(req.key_env) or None
+    origin: Origin = (
+        "flag"
+        if opts.base_url
+        else "env"
+        if env.get(BASE_URL_ENV[req.provider])
+        else "job"
+        if req.base_url
+        else "default"
+    )
+    check_base_url(
+        Destination(
+            base_url,
+            origin,
+            key_var=req.key_env,
+            url_var=BASE_URL_ENV[req.provider],
+            has_key=api_key is not None,
+            default_url=default,
+            job_file=job.file or job.root,
+            trusted=trusted(opts.trust_job_hosts, env),
+        )
+    )
     if req.provider == "azure" and req.kind == "responses" and not base_url.endswith("/openai/v1"):
         raise SpecError(
             "Azure OpenAI serves the Responses API only under its v1 API: set base_url to "
             "https://<resource>.openai.azure.com/openai/v1 and `model` to the deployment's name"
         )
-    return base_url, env.get(req.key_env) or None
+    return base_url, api_key
 
 
 #: Hosts that refuse every request without a key: no run starts without one.
@@ -457,16 +528,21 @@ def check_rows(plan: Plan) -> RowCheck:
     """Render every row (up to --limit) and count those that would fail. Sends nothing."""
     rows = failing = limits = 0
     first: list[tuple[int, str]] = []
+    too_big = RowBounds.for_job(plan.job)
+    out = plan.endpoint.max_output_tokens()
     for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
         for row in batch.iter_rows(named=True):
             rows += 1
             try:
-                plan.endpoint.item(plan.renderer.render(row))
+                tokens = plan.endpoint.item(plan.renderer.render(row)).tokens
+                problem = too_big.problem(prompt_tokens=tokens, request_tokens=tokens + out)
             except (NullValue, RenderFailed, RowProblem) as exc:
+                problem = str(exc)
+                limits += isinstance(exc, RenderLimit)
+            if problem is not None:
                 failing += 1
                 if len(first) < FAILING_SHOWN:
-                    first.append((row[ROW_INDEX], " ".join(str(exc).split())))
-                limits += isinstance(exc, RenderLimit)
+                    first.append((row[ROW_INDEX], " ".join(problem.split())))
                 if limits >= LIMIT_ROWS:
                     stopped = (
                         f"stopped after {rows:,} of {plan.rows:,} rows: {limits} rows ran past "
@@ -479,7 +555,8 @@ def check_rows(plan: Plan) -> RowCheck:
 @dataclass(frozen=True)
 class Estimate:
     rows: int
-    #: Rows that would fail before sending (a null the job forbids, a template error).
+    #: Rows that would fail before sending (a null the job forbids, a template error,
+    #: a prompt over the context window or a request over the job's TPM).
     rejected: int
     prompt_tokens: int
     #: The most completion tokens the rows can use: rows x max_tokens.
@@ -494,11 +571,12 @@ class Estimate:
 def estimate(plan: Plan) -> Estimate:
     """Render every row and add up what the run would cost. Sends nothing."""
     rows = rejected = prompt = limits_hit = 0
+    too_big = RowBounds.for_job(plan.job)
+    out = plan.endpoint.max_output_tokens()
     for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
         for row in batch.iter_rows(named=True):
             try:
-                prompt += plan.endpoint.item(plan.renderer.render(row)).tokens
-                rows += 1
+                tokens = plan.endpoint.item(plan.renderer.render(row)).tokens
             except (NullValue, RenderFailed, RowProblem) as exc:
                 rejected += 1
                 limits_hit += isinstance(exc, RenderLimit)
@@ -507,7 +585,13 @@ def estimate(plan: Plan) -> Estimate:
                         f"{limits_hit} rows ran past the render limits, so the template is "
                         f"what to fix ({exc}); `pipeline validate` shows the rows"
                     ) from None
-    completion = rows * plan.endpoint.max_output_tokens()
+                continue
+            if too_big.problem(prompt_tokens=tokens, request_tokens=tokens + out):
+                rejected += 1  # too big to send: it fails before sending
+                continue
+            prompt += tokens
+            rows += 1
+    completion = rows * out
     limits = plan.job.limits
     requests = -(-rows // plan.endpoint.batch_rows)
     bounds = [requests / limits.rpm if limits.rpm else 0.0]

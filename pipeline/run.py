@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import re
 import shutil
 import signal
 import time
@@ -22,33 +23,49 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import polars as pl
 
 from pipeline import __version__
+from pipeline.bounds import RowBounds
 from pipeline.dispatch import Dispatcher, Outcome, RetryPolicy, Work, rejected
 from pipeline.endpoints import Answer, Endpoint, HttpRequest, RowProblem, Usage
 from pipeline.endpoints.base import JSON
 from pipeline.endpoints.tools import ToolRunner
 from pipeline.errors import (
     BudgetReached,
-    Interrupted,
     JobError,
+    OutputError,
     OutputRefused,
     PipelineError,
+    PromptTooLarge,
     RowRejected,
 )
 from pipeline.journal import Journal, Totals
 from pipeline.limits import WARMUP_RATIO, Limiter
-from pipeline.output import write_bytes_atomic, write_output
+from pipeline.output import (
+    OUTPUT_META,
+    check_replaceable,
+    output_record,
+    pending_record,
+    recorded_output,
+    remove_leftovers,
+    write_bytes_atomic,
+    write_output,
+)
 from pipeline.parse import RowResult, to_results
 from pipeline.plan import BATCH_ROWS, Plan, fingerprint, limited
+from pipeline.preflight import check_server
 from pipeline.progress import Counters, Display
+from pipeline.redact import redact, redact_result
 from pipeline.render import NullValue, RenderFailed
+from pipeline.signals import Signals, stopped
 from pipeline.source import ROW_INDEX
 from pipeline.spec import Job, digest
 from pipeline.transport import AiohttpTransport
+from pipeline.trust import is_loopback
 
 #: Entries committed in one transaction at most; a commit takes whatever is waiting.
 COMMIT_ROWS = 2_000
@@ -92,6 +109,7 @@ class Runner:
     def __init__(self, plan: Plan, journal: Journal, base_url: str, earlier: Totals):
         self.plan = plan
         self.journal = journal
+        self.base_url = base_url
         job = plan.job
         self.url = plan.provider.url(base_url, plan.endpoint.path)
         self.headers = plan.provider.headers(plan.api_key)
@@ -110,6 +128,8 @@ class Runner:
         #: Rows of a batching endpoint waiting to fill a request.
         self._group: list[Work] = []
         self._group_tokens = 0
+        #: Rows too big to ever be answered fail before sending.
+        self._bounds = RowBounds.for_job(job)
 
     async def run(self, transport: AiohttpTransport) -> Dispatcher:
         limits = self.plan.job.limits
@@ -123,6 +143,13 @@ class Runner:
             tools=_ToolRounds(self, self.plan.tools) if self.plan.tools is not None else None,
             before_send=self._record_sending,
         )
+        # Before the first row: a server that cannot serve any halts the run here.
+        plan = self.plan
+        halt = await check_server(
+            transport, plan.provider, self.base_url, self.headers, plan.endpoint
+        )
+        if halt is not None:
+            dispatcher.stop(halt)
         # Bounded queues: a full inbox blocks the producer (backpressure), so memory
         # holds a batch and a few requests per worker, never the whole input.
         inbox: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=limits.concurrency * 2)
@@ -247,11 +274,16 @@ class Runner:
             except (NullValue, RenderFailed, RowProblem) as exc:
                 ready.append(rejected(index, RowRejected(str(exc))))
                 continue
+            size = item.tokens + extra_tokens
+            too_big = self._bounds.problem(prompt_tokens=item.tokens, request_tokens=size)
+            if too_big is not None:
+                ready.append(rejected(index, PromptTooLarge(too_big)))
+                continue
             works.append(
                 Work(
                     rows=(index,),
                     request=_UNSENT,
-                    tokens=item.tokens + extra_tokens,
+                    tokens=size,
                     digests=(_digest(item.key),),
                     weights=(item.tokens,),
                     payload=item.payload,
@@ -318,8 +350,7 @@ class Runner:
             outcome.answers = self._save_files(outcome.work, answers)
         everyone: list[RowResult] = []
         for result in to_results(outcome, self.plan.pricer):
-            if result.error is not None:
-                result.error = redact(result.error, self.plan.api_key)
+            result = redact_result(result, self.plan.api_key)
             digest = result.request_hash or 0
             followers = self._leaders.pop(digest, [])
             if result.status == "ok" and digest:
@@ -341,7 +372,7 @@ class Runner:
             if answer.data is None:
                 saved.append(answer)
                 continue
-            suffix = str(answer.extra.get("file_suffix") or ".bin")
+            suffix = _safe_suffix(str(answer.extra.get("file_suffix") or ".bin"))
             path = self.plan.files_dir / f"{row}{suffix}"
             write_bytes_atomic(path, answer.data)
             saved.append(dataclasses.replace(answer, text=str(path), data=None))
@@ -426,8 +457,13 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
     if plan.key_problem is not None:
         raise JobError(plan.key_problem)
     check_disk(plan)
+    recorded = recorded_output(plan.journal_path, plan.output)  # before --fresh discards it
     journal = Journal.open(plan.journal_path, fingerprint(plan), fresh=plan.options.fresh)
     try:
+        check_replaceable(plan.output, recorded)
+        for path in (plan.output, plan.summary_path):
+            remove_leftovers(path.parent, path.name)
+        remove_leftovers(plan.files_dir)
         journal.set_meta(
             last_started=str(started),
             last_finished="",
@@ -442,12 +478,26 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
         async with _server(plan) as base_url:
             runner = Runner(plan, journal, base_url, earlier)
             dispatcher = await _run_with_signals(runner, plan.job, notify)
-        summary = await asyncio.to_thread(_finish, plan, journal, runner, started)
+        journal.set_meta(**{OUTPUT_META: pending_record(plan.output)})
+        try:
+            summary = await asyncio.to_thread(_finish, plan, journal, runner, started)
+        except OutputError as exc:
+            raise OutputError(_kept_note(plan, exc)) from None
+        journal.set_meta(**{OUTPUT_META: output_record(plan.output)})
         report = _report(plan, dispatcher, summary)
         journal.set_meta(last_finished=str(time.time()), last_exit=str(report.exit_code))
     finally:
         journal.close()
     return report
+
+
+def _kept_note(plan: Plan, exc: OutputError) -> str:
+    """Writing failed after sending: the answers are safe, and how to write them out."""
+    return (
+        f"{exc}. Every answer is kept in the checkpoint {plan.journal_path}: to write the "
+        "output, run the same command again once that is fixed, or add --output "
+        f"OTHER{plan.output.suffix} --journal {plan.journal_path} (nothing is sent again)"
+    )
 
 
 def _report(plan: Plan, dispatcher: Dispatcher, summary: dict[str, Any]) -> Report:
@@ -515,17 +565,17 @@ async def _server(plan: Plan) -> AsyncIterator[str]:
 
 
 async def _run_with_signals(runner: Runner, job: Job, notify: Callable[[str], None]) -> Dispatcher:
-    """SIGINT/SIGTERM: stop taking rows and drain; a second signal (or DRAIN_S) cuts short."""
+    """SIGINT/SIGTERM: stop taking rows and drain; a second signal exits at once
+    (signals.py), and DRAIN_S cuts the drain short."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    signals = (signal.SIGINT, signal.SIGTERM)
 
-    def on_signal() -> None:
+    def on_signal(sig: signal.Signals) -> None:
         if runner.dispatcher is None or runner.dispatcher.stopped:
             task.cancel()
             return
-        stop = Interrupted("interrupted: finished rows are kept; run again to resume")
+        stop = stopped(sig, "interrupted: finished rows are kept; run again to resume")
         runner.dispatcher.stop(stop)
         loop.call_later(DRAIN_S, task.cancel)
         notify(
@@ -533,20 +583,22 @@ async def _run_with_signals(runner: Runner, job: Job, notify: Callable[[str], No
             "output is written; interrupt again to stop at once"
         )
 
-    for sig in signals:
-        loop.add_signal_handler(sig, on_signal)
     transport = AiohttpTransport(
         timeout_s=job.request.timeout_s,
         connect_timeout_s=job.request.connect_timeout_s,
+        max_body_bytes=runner.plan.endpoint.max_response_bytes,
+        # A proxy from the environment is for the way out, not for this machine's servers
+        # (the simulator, a local llama.cpp): NO_PROXY rarely lists 127.0.0.1.
+        trust_env=not is_loopback(urlsplit(runner.url).hostname or ""),
     )
-    try:
-        async with transport:
-            return await runner.run(transport)
-    except asyncio.CancelledError:
-        raise Interrupted("interrupted twice: stopped at once; finished rows are kept") from None
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    with Signals(loop, on_signal) as signals:
+        try:
+            async with transport:
+                return await runner.run(transport)
+        except asyncio.CancelledError:
+            raise stopped(
+                signals.first, "stopped before the drain ended; finished rows are kept"
+            ) from None
 
 
 def _finish(plan: Plan, journal: Journal, runner: Runner, started: float) -> dict[str, Any]:
@@ -598,8 +650,10 @@ def _finish(plan: Plan, journal: Journal, runner: Runner, started: float) -> dic
     return summary
 
 
-def redact(text: str, secret: str | None) -> str:
-    """Servers and proxies may echo a key back in an error body; it goes no further."""
-    if secret and len(secret) >= 8:
-        return text.replace(secret, "[redacted]")
-    return text
+def _safe_suffix(suffix: str) -> str:
+    """A file suffix the server chose (an image's format), kept only if it is plainly
+    one: "png/../../x" must not choose where the file goes."""
+    return suffix if _SUFFIX.fullmatch(suffix) else ".bin"
+
+
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}")
