@@ -503,7 +503,8 @@ def test_fuzzed_job_keys_run_to_a_documented_end(
         assert result.exception is None or isinstance(result.exception, SystemExit), repr(
             result.exception
         )
-        assert result.exit_code in {0, 1, 2}, result.output
+        # The documented ends: done, rows failed, refused, budget, halted by the API.
+        assert result.exit_code in {0, 1, 2, 3, 4}, result.output
         assert "Traceback" not in result.output
 
 
