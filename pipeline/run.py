@@ -36,6 +36,7 @@ from pipeline.endpoints.base import JSON
 from pipeline.endpoints.tools import ToolRunner
 from pipeline.errors import (
     BudgetReached,
+    Halted,
     JobError,
     OutputError,
     OutputRefused,
@@ -56,11 +57,11 @@ from pipeline.output import (
     write_output,
 )
 from pipeline.parse import RowResult, to_results
-from pipeline.plan import BATCH_ROWS, Plan, fingerprint, limited
+from pipeline.plan import BATCH_ROWS, LIMIT_ROWS, Plan, fingerprint, limited
 from pipeline.preflight import check_server
 from pipeline.progress import Counters, Display
 from pipeline.redact import redact, redact_result
-from pipeline.render import NullValue, RenderFailed
+from pipeline.render import NullValue, RenderFailed, RenderLimit
 from pipeline.signals import Signals, stopped
 from pipeline.source import ROW_INDEX
 from pipeline.spec import Job, digest
@@ -130,6 +131,8 @@ class Runner:
         self._group_tokens = 0
         #: Rows too big to ever be answered fail before sending.
         self._bounds = RowBounds.for_job(job)
+        #: Rows in a row that ran past the render limits (each costs MAX_RENDER_S).
+        self._runaway = 0
 
     async def run(self, transport: AiohttpTransport) -> Dispatcher:
         limits = self.plan.job.limits
@@ -273,7 +276,11 @@ class Runner:
                 item = endpoint.item(renderer.render(row))
             except (NullValue, RenderFailed, RowProblem) as exc:
                 ready.append(rejected(index, RowRejected(str(exc))))
+                self._runaway = self._runaway + 1 if isinstance(exc, RenderLimit) else 0
+                if self._runaway >= LIMIT_ROWS:
+                    self._halt_runaway(exc)
                 continue
+            self._runaway = 0
             size = item.tokens + extra_tokens
             too_big = self._bounds.problem(prompt_tokens=item.tokens, request_tokens=size)
             if too_big is not None:
@@ -301,6 +308,18 @@ class Runner:
             for work in works:
                 work.request = self._request([work.payload])
         return works, ready
+
+    def _halt_runaway(self, exc: Exception) -> None:
+        """A template past its render limits row after row loops whatever the row: stop
+        rather than spend MAX_RENDER_S on each of a million rows."""
+        if self.dispatcher is not None:
+            self.dispatcher.stop(
+                Halted(
+                    f"{self._runaway} rows in a row ran past the render limits ({exc}): the "
+                    "template is what to fix; `pipeline validate` shows the rows (done rows "
+                    "are kept)"
+                )
+            )
 
     async def _write(self, tg: asyncio.TaskGroup) -> None:
         """The journal's one writer: commits whatever has arrived, in one transaction."""
