@@ -13,6 +13,11 @@ becomes its result in one upsert, so after a crash the rows that may have been s
 WAL mode with synchronous=NORMAL: a commit survives the process being killed at any
 instant; only power loss can take the last transactions, and it never corrupts the
 file. One writer (an OS lock that dies with its process), many readers.
+
+A checkpoint is trusted only when it is sound: a file that is empty, not SQLite,
+truncated, another program's database, another job's or a newer format's checkpoint,
+or one whose `-wal` was lost after a crash is refused with a CheckpointError (exit 2),
+never read as if it were empty (which would send, and bill, every row again).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
@@ -30,7 +36,8 @@ from typing import IO
 import orjson
 import polars as pl
 
-from pipeline.errors import JobError, OutputError
+from pipeline import __version__
+from pipeline.errors import CheckpointError, JobError, OutputError
 from pipeline.parse import RESULT_SCHEMA, RowResult
 
 #: Stored beside RESULT_SCHEMA's columns, written to the output only for some jobs.
@@ -51,6 +58,21 @@ def _sql_type(dtype: pl.DataType) -> str:
 
 #: The status of a row recorded as sent whose answer is not in yet.
 SENDING = "sending"
+
+#: meta `format`: marks a SQLite file as a pipeline checkpoint.
+FORMAT = "pipeline-journal"
+#: meta `format_version`: raised when a change would make an older pipeline misread a
+#: checkpoint. A checkpoint without one is from before it existed: read as version 1.
+FORMAT_VERSION = 1
+#: meta `open`: "1" from a run's start to its clean close, checkpointed into the main
+#: file. The `-wal` beside it exists from a run's first commit until its clean close
+#: (SQLite never deletes it otherwise), so a main file marked open with no `-wal` means
+#: the `-wal` was lost, and with it every commit since the last checkpoint.
+_OPEN = "open"
+#: What every SQLite file starts with.
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+#: The size of SQLite's file header.
+_HEADER_BYTES = 100
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,6 +100,8 @@ _UPSERT = (
     f"INSERT INTO results ({', '.join(_STORED)}) VALUES ({', '.join('?' for _ in _STORED)}) "
     "ON CONFLICT (row) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _STORED[1:])
 )
+# A row recorded as sending whose request never left (the run stopped first).
+_UNSEND = f"DELETE FROM results WHERE row = ? AND status = '{SENDING}'"
 _DONE = f"status != '{SENDING}'"
 #: A RowResult as the tuple _UPSERT takes (dataclasses.astuple deep-copies: slow).
 _stored = attrgetter(*_STORED)
@@ -92,6 +116,8 @@ class Totals:
     completion_tokens: int
     #: Rows whose answer stopped at max_tokens.
     cut_off: int = 0
+    #: Rows answered without `usage`: their cost is unknown (cost_usd null).
+    without_usage: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,23 +142,35 @@ class Journal:
         # the run calls checkpoint() from a thread instead.
         connection.execute("PRAGMA wal_autocheckpoint=0")
 
+    #: With --fresh: a line saying where the discarded checkpoint was kept, if it was.
+    set_aside: str | None = None
+
     @classmethod
-    def open(cls, path: Path, fingerprint: dict[str, str], *, fresh: bool) -> Journal:
-        """Open (or start) the journal for a run: take the lock, check the fingerprint."""
+    def open(
+        cls, path: Path, fingerprint: dict[str, str], *, fresh: bool, job: str | None = None
+    ) -> Journal:
+        """Open (or start) the journal for a run: take the lock, check that the file is
+        a sound checkpoint of this job, check the fingerprint. `job`: the job's name."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create {path.parent}: {exc.strerror}") from None
         lock = _lock(path)
         try:
-            if fresh:
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+            set_aside = _set_aside(path) if fresh else None
+            _check_file(path)
             db = _connect(path)
+            _check_tables(path, db)
             db.executescript(_SCHEMA)
             _add_missing_columns(db)
             journal = cls(path, db, lock)
+            journal.set_aside = set_aside
+            journal._check_identity(job)
             journal._check_fingerprint(fingerprint)
+            journal._mark_open()
+        except sqlite3.DatabaseError as exc:
+            lock.close()
+            raise _unreadable(path, exc) from None
         except BaseException:
             lock.close()
             raise
@@ -143,19 +181,63 @@ class Journal:
         """Open an existing journal to read it, even while a run writes to it."""
         if not path.exists():
             raise JobError(f"no checkpoint at {path}: the job has not run yet")
-        return cls(path, _connect(path), lock=None)
+        _check_file(path)
+        try:
+            db = _connect(path)
+            _check_tables(path, db, creating=False)
+            journal = cls(path, db, lock=None)
+            journal._check_identity(None)
+        except sqlite3.DatabaseError as exc:
+            raise _unreadable(path, exc) from None
+        return journal
+
+    def _check_identity(self, job: str | None) -> None:
+        """Refuse another program's, another job's or a newer pipeline's checkpoint."""
+        fmt, version = self.meta("format"), self.meta("format_version")
+        if fmt is not None and fmt != FORMAT:
+            raise CheckpointError(
+                f"{self.path} is not a pipeline checkpoint (its meta says format {fmt!r}); "
+                "give this run its own --journal (or --output), or move that file away"
+            )
+        if version is not None and (not version.isdigit() or int(version) > FORMAT_VERSION):
+            raise CheckpointError(
+                f"the checkpoint {self.path} is in format {version!r}, written by a newer "
+                f"pipeline ({self.meta('pipeline_version') or 'unknown version'}); this one "
+                f"reads format {FORMAT_VERSION}: run it with that pipeline, or use --fresh "
+                "(its answers are set aside in a backup file)"
+            )
+        stored = self.meta("job")
+        if job is not None and stored is not None and stored != job and self.count() > 0:
+            raise CheckpointError(
+                f"the checkpoint {self.path} belongs to job `{stored}`, not `{job}`: give this "
+                "job its own --output (or --journal), or rename the job file back to "
+                f"{stored}.toml if it is the same job"
+            )
+        if self._lock is not None:  # a run, not `status`: the file is the writer's now
+            self.set_meta(format=FORMAT, format_version=str(FORMAT_VERSION))
+            self.set_meta(pipeline_version=__version__)
+            if job is not None:
+                self.set_meta(job=job)
+
+    def _mark_open(self) -> None:
+        """Record in the main file (not only the WAL) that a run has it open."""
+        self.set_meta(**{_OPEN: "1"})
+        self._db.execute("PRAGMA wal_checkpoint(FULL)")
 
     def _check_fingerprint(self, fingerprint: dict[str, str]) -> None:
         stored = self.meta("fingerprint")
         if stored is not None:
             previous: dict[str, str] = orjson.loads(stored)
             keys = sorted(fingerprint.keys() | previous.keys())
-            changed = [k for k in keys if fingerprint.get(k) != previous.get(k)]
+            # A part an older pipeline did not record cannot be compared: it is taken
+            # as it is now (and recorded, so that the next resume compares it).
+            changed = [k for k in keys if k in previous and fingerprint.get(k) != previous[k]]
             if changed and self.count() > 0:
                 raise JobError(
                     f"the checkpoint {self.path} was written by a different version of this "
-                    f"job ({', '.join(changed)} changed since). Run with --fresh to start over "
-                    "(its results are discarded), or restore the job as it was to resume"
+                    f"job ({', '.join(_describe(k) for k in changed)} changed since). Run with "
+                    "--fresh to start over (its answers are set aside in a backup file), or "
+                    "restore the job as it was to resume"
                 )
         self.set_meta(fingerprint=orjson.dumps(fingerprint).decode())
 
@@ -172,8 +254,10 @@ class Journal:
         *,
         sending: Sequence[tuple[int, int, int]] = (),
         results: Sequence[RowResult] = (),
+        unsent: Sequence[int] = (),
     ) -> None:
-        """One transaction: rows about to be sent, and results (which end their flight).
+        """One transaction: rows about to be sent, results (which end their flight), and
+        rows recorded as sending that the run stopped before they could be billed.
 
         When it returns, all of it is durable against a crash of this process.
         """
@@ -183,6 +267,8 @@ class Journal:
                     self._db.executemany(_SEND, sending)
                 if results:
                     self._db.executemany(_UPSERT, map(_stored, results))
+                if unsent:
+                    self._db.executemany(_UNSEND, ((row,) for row in unsent))
         except sqlite3.Error as exc:
             raise OutputError(f"cannot write the checkpoint {self.path}: {exc}") from None
 
@@ -241,13 +327,23 @@ class Journal:
             "SELECT count(*) FILTER (WHERE status = 'ok'),"
             " count(*) FILTER (WHERE status = 'failed'),"
             " total(cost_usd), total(prompt_tokens), total(completion_tokens),"
-            " count(*) FILTER (WHERE finish_reason = 'length') FROM results"
+            " count(*) FILTER (WHERE finish_reason = 'length'),"
+            " count(*) FILTER (WHERE status = 'ok' AND cost_usd IS NULL) FROM results"
         ).fetchone()
         return Totals(
-            int(row[0]), int(row[1]), float(row[2]), int(row[3]), int(row[4]), int(row[5])
+            int(row[0]),
+            int(row[1]),
+            float(row[2]),
+            int(row[3]),
+            int(row[4]),
+            int(row[5]),
+            int(row[6]),
         )
 
     def close(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(sqlite3.Error):  # then the -wal stays: still sound
+                self.set_meta(**{_OPEN: ""})
         self.checkpoint()
         self._checkpointer.close()
         self._reader.close()
@@ -282,6 +378,132 @@ def _lock(path: Path) -> IO[str]:
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+#: How the refusal of a changed job names a fingerprint's part, where its key is terse.
+_PARTS = {
+    "input": "the input file (its size or modification time)",
+    "input ctime": (
+        "the input file (its inode change time: edited in place, perhaps with its "
+        "modification time put back)"
+    ),
+    "price": "the price (--price or [price])",
+    "key": "the input's key column ([input] key)",
+}
+
+
+def _describe(part: str) -> str:
+    return _PARTS.get(part, part)
+
+
+def _check_file(path: Path) -> None:
+    """Refuse, before SQLite reads it, a file at `path` that cannot be a sound checkpoint.
+
+    SQLite reads an empty file as an empty database and a truncated one until it meets
+    the missing page (mid-run): either would look like a checkpoint with fewer answers,
+    and the rows it lost would be sent and billed again.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header = handle.read(_HEADER_BYTES)
+    except FileNotFoundError:
+        return  # a new checkpoint
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the checkpoint {path}: {exc.strerror}") from None
+    fix = "move it away or give this run its own --journal; --fresh sets it aside and starts over"
+    if size == 0:
+        raise CheckpointError(
+            f"the checkpoint {path} is empty (0 bytes): it lost whatever it held, so a "
+            f"resume cannot tell which rows were paid for; {fix}"
+        )
+    if len(header) < _HEADER_BYTES or not header.startswith(_SQLITE_MAGIC):
+        raise CheckpointError(f"{path} is not a checkpoint (not a SQLite file); {fix}")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    # The header's page count is valid when its "version valid for" matches the
+    # change counter (SQLite's file format, section 1.3.7). With a -wal beside it, a
+    # shorter file is a checkpoint cut short (a full disk): the -wal holds the pages.
+    wal = Path(f"{path}-wal")
+    wal_size = wal.stat().st_size if wal.exists() else 0
+    if header[92:96] == header[24:28] and size < page_size * pages and not wal_size:
+        raise CheckpointError(
+            f"the checkpoint {path} is truncated ({size:,} bytes of the "
+            f"{page_size * pages:,} its header says): restore it from a copy, or {fix}"
+        )
+    if not wal.exists() and _marked_open(path):
+        raise CheckpointError(
+            f"the checkpoint {path} was left open by a run that did not finish, and its "
+            f"write-ahead log {path}-wal, which holds its latest answers, is missing: put "
+            f"{path.name}-wal back beside it (copy the two files together), or {fix}"
+        )
+
+
+def _marked_open(path: Path) -> bool:
+    """Whether the main file (read alone, without a -wal) says a run has it open."""
+    try:
+        uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (_OPEN,)).fetchone()
+    except sqlite3.DatabaseError:
+        return False  # no meta table (yet): _check_tables says what the file is
+    return row is not None and row[0] == "1"
+
+
+def _check_tables(path: Path, db: sqlite3.Connection, *, creating: bool = True) -> None:
+    """Refuse another program's SQLite file; `creating`: a file with no tables may
+    become a checkpoint."""
+    names = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if {"meta", "results"} <= names or (creating and not names):
+        return
+    what = f"tables: {', '.join(sorted(names))}" if names else "no tables"
+    raise CheckpointError(
+        f"{path} is a SQLite file but not a pipeline checkpoint ({what}); give this run its "
+        "own --journal (or --output), or move that file away"
+    )
+
+
+def _unreadable(path: Path, exc: sqlite3.DatabaseError) -> CheckpointError:
+    return CheckpointError(
+        f"the checkpoint {path} cannot be read ({exc}): restore it from a copy, or move it "
+        "away; --fresh sets it aside and starts over"
+    )
+
+
+def _set_aside(path: Path) -> str | None:
+    """--fresh: keep what the old checkpoint holds in a backup file, and say where.
+
+    A checkpoint with no rows is deleted; one with answers (paid for) is copied,
+    -wal included, to `<stem>.discarded-<time>.sqlite`; a file that cannot be read as
+    one is moved there as it is (it may be someone's).
+    """
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    backup = path.with_name(f"{path.stem}.discarded-{stamp}{path.suffix}")
+    try:
+        _check_file(path)
+        with contextlib.closing(_connect(path)) as db:
+            _check_tables(path, db)
+            held = db.execute("SELECT count(*), total(cost_usd) FROM results").fetchone()
+            if held[0]:
+                with contextlib.closing(sqlite3.connect(backup)) as copy:
+                    db.backup(copy)
+    except (CheckpointError, sqlite3.DatabaseError):
+        os.replace(path, backup)
+        if Path(f"{path}-wal").exists():
+            os.replace(f"{path}-wal", f"{backup}-wal")
+        Path(f"{path}-shm").unlink(missing_ok=True)
+        return f"--fresh: {path} was not a readable checkpoint; it is moved to {backup}"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    if not held[0]:
+        return None
+    return (
+        f"--fresh: the old checkpoint held {held[0]:,} rows (${held[1]:.4f} spent); it is "
+        f"kept as {backup} (delete it when you no longer need it)"
+    )
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
