@@ -206,7 +206,7 @@ def status(job: Path, output: Path | None, journal: Path | None) -> None:
     """What JOB's checkpoint holds: rows done, failed, pending, cost, the last run."""
     spec = apply_options(load_job(job), RunOptions(output=output))
     path = journal_path(spec.output_path, journal)
-    checkpoint = Journal.read(path)
+    checkpoint = Journal.read(path, job=spec.name)
     try:
         t, flight = checkpoint.totals(), checkpoint.in_flight()
         meta = {k: checkpoint.meta(k) for k in ("last_started", "last_finished", "last_exit")}

@@ -177,8 +177,9 @@ class Journal:
         return journal
 
     @classmethod
-    def read(cls, path: Path) -> Journal:
-        """Open an existing journal to read it, even while a run writes to it."""
+    def read(cls, path: Path, job: str | None = None) -> Journal:
+        """Open an existing journal to read it, even while a run writes to it; `job`:
+        the name of the job it must belong to."""
         if not path.exists():
             raise JobError(f"no checkpoint at {path}: the job has not run yet")
         _check_file(path)
@@ -186,7 +187,7 @@ class Journal:
             db = _connect(path)
             _check_tables(path, db, creating=False)
             journal = cls(path, db, lock=None)
-            journal._check_identity(None)
+            journal._check_identity(job)
         except sqlite3.DatabaseError as exc:
             raise _unreadable(path, exc) from None
         return journal
