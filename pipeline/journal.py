@@ -64,15 +64,21 @@ FORMAT = "pipeline-journal"
 #: meta `format_version`: raised when a change would make an older pipeline misread a
 #: checkpoint. A checkpoint without one is from before it existed: read as version 1.
 FORMAT_VERSION = 1
-#: meta `open`: "1" from a run's start to its clean close, checkpointed into the main
-#: file. The `-wal` beside it exists from a run's first commit until its clean close
-#: (SQLite never deletes it otherwise), so a main file marked open with no `-wal` means
-#: the `-wal` was lost, and with it every commit since the last checkpoint.
-_OPEN = "open"
+#: meta `commits`: the journal's write transactions so far, counted in each of them.
+#: After each commit the count is also written to a side file, `<journal>.commits`: a
+#: checkpoint that holds fewer commits than its side file says lost some (its `-wal`,
+#: which holds every commit since the last checkpoint, went missing, or an older copy
+#: came back), and resuming from it would send and bill their rows again. A flag for
+#: "open" with a check for a missing `-wal` would not do: any SQLite tool that opens
+#: the checkpoint after a crash folds the `-wal` in and deletes it, losing nothing.
+_COMMITS = "commits"
+_COUNT = f"INSERT OR REPLACE INTO meta VALUES ('{_COMMITS}', ?)"
 #: What every SQLite file starts with.
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 #: The size of SQLite's file header.
 _HEADER_BYTES = 100
+#: The size of a -wal's header: a -wal no larger holds no commits.
+_WAL_HEADER_BYTES = 32
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -141,6 +147,9 @@ class Journal:
         # The writer never checkpoints on its own (that would fsync in the event loop);
         # the run calls checkpoint() from a thread instead.
         connection.execute("PRAGMA wal_autocheckpoint=0")
+        #: Write transactions so far (meta `commits`), and the side file told of them.
+        self._commits = 0
+        self._tally: int | None = None
 
     #: With --fresh: a line saying where the discarded checkpoint was kept, if it was.
     set_aside: str | None = None
@@ -156,23 +165,33 @@ class Journal:
         except OSError as exc:
             raise OutputError(f"cannot create {path.parent}: {exc.strerror}") from None
         lock = _lock(path)
+        db: sqlite3.Connection | None = None
+        journal: Journal | None = None
         try:
             set_aside = _set_aside(path) if fresh else None
+            if not path.exists():  # deleted to start over: its count goes with it
+                _tally_path(path).unlink(missing_ok=True)
             _check_file(path)
+            wal = _wal_found(path)
             db = _connect(path)
-            _check_tables(path, db)
+            journal = cls(path, db, lock)
+            # Every check reads only: a file that is refused is left as it was found
+            # (a -wal put back later must still match it).
+            tables = _check_tables(path, db)
+            if tables:
+                journal._check_identity(job)
+            journal._check_commits(wal, tables)
             db.executescript(_SCHEMA)
             _add_missing_columns(db)
-            journal = cls(path, db, lock)
-            journal.set_aside = set_aside
-            journal._check_identity(job)
             journal._check_fingerprint(fingerprint)
-            journal._mark_open()
-        except sqlite3.DatabaseError as exc:
+            journal.set_aside = set_aside
+            journal._claim(job)
+            journal._open_tally()
+        except BaseException as exc:
+            _close_refused(journal, db)
             lock.close()
-            raise _unreadable(path, exc) from None
-        except BaseException:
-            lock.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise _unreadable(path, exc) from None
             raise
         return journal
 
@@ -183,13 +202,22 @@ class Journal:
         if not path.exists():
             raise JobError(f"no checkpoint at {path}: the job has not run yet")
         _check_file(path)
+        wal = _wal_found(path)
+        db: sqlite3.Connection | None = None
+        journal: Journal | None = None
         try:
             db = _connect(path)
-            _check_tables(path, db, creating=False)
+            tables = _check_tables(path, db)
             journal = cls(path, db, lock=None)
+            journal._check_commits(wal, tables)
+            if not tables:
+                raise CheckpointError(f"{path} holds no checkpoint yet (no tables)")
             journal._check_identity(job)
-        except sqlite3.DatabaseError as exc:
-            raise _unreadable(path, exc) from None
+        except BaseException as exc:
+            _close_refused(journal, db)
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise _unreadable(path, exc) from None
+            raise
         return journal
 
     def _check_identity(self, job: str | None) -> None:
@@ -214,16 +242,48 @@ class Journal:
                 "job its own --output (or --journal), or rename the job file back to "
                 f"{stored}.toml if it is the same job"
             )
-        if self._lock is not None:  # a run, not `status`: the file is the writer's now
-            self.set_meta(format=FORMAT, format_version=str(FORMAT_VERSION))
-            self.set_meta(pipeline_version=__version__)
-            if job is not None:
-                self.set_meta(job=job)
 
-    def _mark_open(self) -> None:
-        """Record in the main file (not only the WAL) that a run has it open."""
-        self.set_meta(**{_OPEN: "1"})
-        self._db.execute("PRAGMA wal_checkpoint(FULL)")
+    def _claim(self, job: str | None) -> None:
+        """Mark the file as this job's checkpoint, in this pipeline's format."""
+        mine = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+        self.set_meta(**mine, pipeline_version=__version__, **({"job": job} if job else {}))
+
+    def _check_commits(self, wal_found: bool, tables: bool = True) -> None:
+        """Refuse a checkpoint that holds fewer commits than were made to it;
+        `wal_found`: whether its -wal was there before this process opened it;
+        `tables`: whether the file holds a checkpoint's tables (without its -wal, a new
+        checkpoint's main file may hold nothing yet)."""
+        self._commits = int(self.meta(_COMMITS) or 0) if tables else 0
+        tally = _tally_path(self.path)
+        told = _read_tally(tally)
+        if told is None or self._commits >= told:
+            return
+        wal = Path(f"{self.path}-wal")
+        why = (
+            f"its write-ahead log {wal.name}, which holds them, is missing"
+            if not wal_found
+            else f"it is an older copy, or {wal.name} is not its own"
+        )
+        raise CheckpointError(
+            f"the checkpoint {self.path} holds {self._commits:,} of the {told:,} commits made "
+            f"to it ({why}): put the {wal.name} it was written with back beside it (copy the "
+            f"files together), or delete {tally} to resume from what it holds (the rows of "
+            "the lost commits are sent, and billed, again)"
+        )
+
+    def _open_tally(self) -> None:
+        tally = _tally_path(self.path)
+        try:
+            self._tally = os.open(tally, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot create {tally}: {exc.strerror}") from None
+        self._tell()
+
+    def _tell(self) -> None:
+        """Tell the side file the count; fixed width, so it is rewritten in place."""
+        if self._tally is not None:
+            with contextlib.suppress(OSError):  # not told: the next check is laxer only
+                os.pwrite(self._tally, f"{self._commits:020d}\n".encode(), 0)
 
     def _check_fingerprint(self, fingerprint: dict[str, str]) -> None:
         stored = self.meta("fingerprint")
@@ -270,8 +330,11 @@ class Journal:
                     self._db.executemany(_UPSERT, map(_stored, results))
                 if unsent:
                     self._db.executemany(_UNSEND, ((row,) for row in unsent))
+                self._db.execute(_COUNT, (str(self._commits + 1),))
         except sqlite3.Error as exc:
             raise OutputError(f"cannot write the checkpoint {self.path}: {exc}") from None
+        self._commits += 1
+        self._tell()
 
     def checkpoint(self) -> None:
         """Move the WAL into the database file (the part that fsyncs); for a thread."""
@@ -342,9 +405,8 @@ class Journal:
         )
 
     def close(self) -> None:
-        if self._lock is not None:
-            with contextlib.suppress(sqlite3.Error):  # then the -wal stays: still sound
-                self.set_meta(**{_OPEN: ""})
+        if self._tally is not None:
+            os.close(self._tally)
         self.checkpoint()
         self._checkpointer.close()
         self._reader.close()
@@ -433,31 +495,46 @@ def _check_file(path: Path) -> None:
             f"the checkpoint {path} is truncated ({size:,} bytes of the "
             f"{page_size * pages:,} its header says): restore it from a copy, or {fix}"
         )
-    if not wal.exists() and _marked_open(path):
-        raise CheckpointError(
-            f"the checkpoint {path} was left open by a run that did not finish, and its "
-            f"write-ahead log {path}-wal, which holds its latest answers, is missing: put "
-            f"{path.name}-wal back beside it (copy the two files together), or {fix}"
-        )
 
 
-def _marked_open(path: Path) -> bool:
-    """Whether the main file (read alone, without a -wal) says a run has it open."""
+def _close_refused(journal: Journal | None, db: sqlite3.Connection | None) -> None:
+    """Close what a refused open had opened (the lock is the caller's)."""
+    with contextlib.suppress(sqlite3.Error):
+        if journal is not None:
+            journal._lock = None
+            journal.close()
+        elif db is not None:
+            db.close()
+
+
+def _wal_found(path: Path) -> bool:
+    """Whether a -wal with frames is beside `path`, looked at before a connection makes
+    one (an empty one is what a connection leaves when it found none)."""
+    wal = Path(f"{path}-wal")
+    return wal.exists() and wal.stat().st_size > _WAL_HEADER_BYTES
+
+
+def _tally_path(path: Path) -> Path:
+    return Path(f"{path}.commits")
+
+
+def _read_tally(tally: Path) -> int | None:
+    """The commits the side file was told of; None without one (an older pipeline's
+    checkpoint, or one moved without it: nothing to compare with)."""
     try:
-        uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-            row = db.execute("SELECT value FROM meta WHERE key = ?", (_OPEN,)).fetchone()
-    except sqlite3.DatabaseError:
-        return False  # no meta table (yet): _check_tables says what the file is
-    return row is not None and row[0] == "1"
+        return int(tally.read_text(encoding="ascii").strip() or 0)
+    except (OSError, ValueError):
+        return None
 
 
-def _check_tables(path: Path, db: sqlite3.Connection, *, creating: bool = True) -> None:
-    """Refuse another program's SQLite file; `creating`: a file with no tables may
-    become a checkpoint."""
+def _check_tables(path: Path, db: sqlite3.Connection, *, creating: bool = True) -> bool:
+    """Refuse another program's SQLite file; True if the file holds a checkpoint's
+    tables. `creating`: a file with no tables may become a checkpoint."""
     names = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if {"meta", "results"} <= names or (creating and not names):
-        return
+    if {"meta", "results"} <= names:
+        return True
+    if creating and not names:
+        return False
     what = f"tables: {', '.join(sorted(names))}" if names else "no tables"
     raise CheckpointError(
         f"{path} is a SQLite file but not a pipeline checkpoint ({what}); give this run its "
@@ -496,8 +573,9 @@ def _set_aside(path: Path) -> str | None:
         if Path(f"{path}-wal").exists():
             os.replace(f"{path}-wal", f"{backup}-wal")
         Path(f"{path}-shm").unlink(missing_ok=True)
+        _tally_path(path).unlink(missing_ok=True)
         return f"--fresh: {path} was not a readable checkpoint; it is moved to {backup}"
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", ".commits"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     if not held[0]:
         return None

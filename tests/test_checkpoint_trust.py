@@ -7,6 +7,7 @@ nothing (a silent start over would bill every row again).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -128,13 +129,7 @@ def test_a_checkpoint_whose_wal_was_lost_after_a_crash_is_refused(tmp_path: Path
     journal = tmp_path / "out.journal.sqlite"
     wal = Path(f"{journal}-wal")
     with serving(latency_ms=50) as sim:
-        proc = spawn_run(job, sim.url)
-        deadline = time.monotonic() + WAIT_S
-        while committed(journal) < 20:
-            assert time.monotonic() < deadline, "the run committed nothing"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=WAIT_S)
+        crashed_run(job, sim.url, journal)
         assert wal.exists(), "a killed run leaves its -wal"
         kept = tmp_path / "kept-wal"
         shutil.move(wal, kept)  # copied without it, say, or cleaned up by a tool
@@ -160,11 +155,64 @@ def test_a_checkpoint_whose_wal_was_lost_after_a_crash_is_refused(tmp_path: Path
     assert read_output(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 400
 
 
+def crashed_run(job: Path, url: str, journal: Path) -> None:
+    """A run of `job` killed (SIGKILL) once it has committed 20 answers."""
+    proc = spawn_run(job, url)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while committed(journal) < 20:
+            assert time.monotonic() < deadline, "the run committed nothing"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=WAIT_S)
+
+
+def test_a_wal_folded_in_by_another_sqlite_tool_after_a_crash_resumes(tmp_path: Path) -> None:
+    job = write_job(tmp_path, texts(400), limits={"concurrency": 4})
+    journal = tmp_path / "out.journal.sqlite"
+    with serving(latency_ms=50) as sim:
+        crashed_run(job, sim.url, journal)
+        assert Path(f"{journal}-wal").exists()
+        # The sqlite3 shell, a backup tool...: its close, the last, folds the -wal in.
+        with contextlib.closing(sqlite3.connect(journal)) as db:
+            held = db.execute("SELECT count(*) FROM results").fetchone()[0]
+        wal = Path(f"{journal}-wal")
+        assert not wal.exists() or wal.stat().st_size == 0
+
+        code, output = pipeline("run", job, "--base-url", sim.url)
+
+    assert code == 0, output
+    assert held >= 20
+    assert read_output(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 400
+
+
+def test_deleting_the_commit_count_accepts_what_a_checkpoint_still_holds(
+    tmp_path: Path,
+) -> None:
+    job = write_job(tmp_path, texts(400), limits={"concurrency": 4})
+    journal = tmp_path / "out.journal.sqlite"
+    with serving(latency_ms=50) as sim:
+        crashed_run(job, sim.url, journal)
+        Path(f"{journal}-wal").unlink()
+        Path(f"{journal}-shm").unlink(missing_ok=True)
+        code, output = pipeline("run", job, "--base-url", sim.url)
+        tally = Path(f"{journal}.commits")
+        assert code == 2, output
+        assert f"delete {tally}" in one_error_line(output)
+        tally.unlink()
+
+        resumed_code, resumed = pipeline("run", job, "--base-url", sim.url)
+
+    assert resumed_code == 0, resumed
+    assert read_output(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 400
+
+
 def committed(journal: Path) -> int:
     if not journal.exists():
         return 0
     try:
-        with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
             query = "SELECT count(*) FROM results WHERE status != 'sending'"
             return int(db.execute(query).fetchone()[0])
     except sqlite3.OperationalError:  # the schema is not there yet
@@ -252,7 +300,7 @@ def test_fresh_keeps_the_paid_answers_in_a_backup_and_says_so(tmp_path: Path) ->
     backups = sorted(tmp_path.glob("out.journal.discarded-*.sqlite"))
     assert len(backups) == 1
     assert str(backups[0]) in output
-    with sqlite3.connect(backups[0]) as db:
+    with contextlib.closing(sqlite3.connect(backups[0])) as db:
         kept = db.execute("SELECT count(*) FROM results WHERE status = 'ok'").fetchone()[0]
     assert kept == ROWS, "every paid answer is in the backup"
     assert committed(journal) == 2

@@ -52,14 +52,14 @@ def pipeline_cmd(*args: str | Path, env: Mapping[str, str] | None = None) -> tup
 
 def sending(journal: Path) -> int:
     """Rows the checkpoint holds as sent and unanswered."""
-    with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as db:
+    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
         query = "SELECT count(*) FROM results WHERE status = 'sending'"
         return int(db.execute(query).fetchone()[0])
 
 
 def answered(journal: Path) -> int:
     try:
-        with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
             query = "SELECT count(*) FROM results WHERE status = 'ok'"
             return int(db.execute(query).fetchone()[0])
     except sqlite3.OperationalError:  # not created yet
