@@ -581,7 +581,8 @@ def _set_aside(path: Path) -> str | None:
         return None
     return (
         f"--fresh: the old checkpoint held {held[0]:,} rows (${held[1]:.4f} spent); it is "
-        f"kept as {backup} (delete it when you no longer need it)"
+        f"kept as {backup} (run with --journal {backup} to resume from it; delete it when "
+        "you no longer need it)"
     )
 
 
