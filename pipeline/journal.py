@@ -27,11 +27,11 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
-from typing import IO
+from typing import IO, Concatenate, ParamSpec, TypeVar
 
 import orjson
 import polars as pl
@@ -133,6 +133,29 @@ class InFlight:
     rows: int
     #: Their estimated tokens (prompt + max output): the most they may have cost.
     tokens: int
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _reading(
+    method: Callable[Concatenate[Journal, _P], _R],
+) -> Callable[Concatenate[Journal, _P], _R]:
+    """A read during the run that meets a damaged page (a file damaged in a way its
+    header does not show) stops the run with a line, not a traceback."""
+
+    def read(self: Journal, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise OutputError(
+                f"cannot read the checkpoint {self.path} ({exc}); what was committed before "
+                "is kept there: restore the file from a copy, or move it away to start over"
+            ) from None
+
+    read.__name__, read.__doc__ = method.__name__, method.__doc__
+    return read
 
 
 class Journal:
@@ -293,6 +316,8 @@ class Journal:
             # A part an older pipeline did not record cannot be compared: it is taken
             # as it is now (and recorded, so that the next resume compares it).
             changed = [k for k in keys if k in previous and fingerprint.get(k) != previous[k]]
+            if "input" in changed and "input ctime" in changed:  # an edit moves both
+                changed.remove("input ctime")
             if changed and self.count() > 0:
                 raise JobError(
                     f"the checkpoint {self.path} was written by a different version of this "
@@ -341,6 +366,7 @@ class Journal:
         with contextlib.suppress(sqlite3.Error):  # retried at the next one
             self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
+    @_reading
     def done_rows(self, first: int, last: int, *, failed_too: bool = True) -> set[int]:
         """Rows in [first, last] that already have a result (an ok one, unless failed_too)."""
         which = _DONE if failed_too else "status = 'ok'"
@@ -349,6 +375,7 @@ class Journal:
         )
         return {r for (r,) in cursor}
 
+    @_reading
     def answered(self, digests: Iterable[int]) -> dict[int, RowResult]:
         """An ok result for each of these request hashes that has one."""
         found: dict[int, RowResult] = {}
@@ -366,6 +393,7 @@ class Journal:
                 found.setdefault(int(result.request_hash or 0), result)
         return found
 
+    @_reading
     def results(self, first: int, last: int) -> pl.DataFrame:
         """Results of rows in [first, last], as a frame with `row` and RESULT_SCHEMA."""
         cursor = self._reader.execute(
@@ -376,6 +404,7 @@ class Journal:
         schema = {"row": pl.Int64(), **RESULT_SCHEMA, **_OPTIONAL}
         return pl.DataFrame(cursor.fetchall(), schema=schema, orient="row")
 
+    @_reading
     def in_flight(self) -> InFlight:
         rows, tokens = self._reader.execute(
             f"SELECT count(*), total(tokens) FROM results WHERE status = '{SENDING}'"
@@ -386,6 +415,7 @@ class Journal:
         (n,) = self._reader.execute(f"SELECT count(*) FROM results WHERE {_DONE}").fetchone()
         return int(n)
 
+    @_reading
     def totals(self) -> Totals:
         row = self._reader.execute(
             "SELECT count(*) FILTER (WHERE status = 'ok'),"

@@ -459,6 +459,7 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
     try:
         if journal.set_aside:
             notify(journal.set_aside)
+        budget = _check_budget(plan, journal)  # before the run is on record as started
         journal.set_meta(
             last_started=str(started),
             last_finished="",
@@ -470,7 +471,6 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
         resume = _resume_note(plan, journal, earlier.ok + earlier.failed)
         if resume:
             notify(resume)
-        budget = _check_budget(plan, journal)
         if budget:
             notify(budget)
         async with _server(plan) as base_url:
@@ -479,7 +479,7 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
         summary = await asyncio.to_thread(_finish, plan, journal, runner, started)
         if summary["rows_without_usage"]:
             notify(
-                f"warning: {_count(summary['rows_without_usage'], 'row')} answered without "
+                f"warning: {_plural(summary['rows_without_usage'], 'row')} answered without "
                 "`usage`: their cost is unknown (cost_usd is empty), is not in the totals, "
                 "and --max-cost cannot count it"
             )
@@ -532,7 +532,7 @@ def _check_budget(plan: Plan, journal: Journal) -> str | None:
     e = estimate(plan, lambda first, last: journal.done_rows(first, last, failed_too=failed_too))
     if e.rows == 0 or e.cost_high <= budget:
         return None
-    left = f"the {_count(e.rows, 'row')} left to send"
+    left = f"the {_plural(e.rows, 'row')} left to send"
     if e.cost_low > budget:
         raise BudgetTooSmall(
             f"the budget (--max-cost or [limits] max_cost) {_usd(budget)} is below what the "
@@ -558,7 +558,7 @@ def _usd(amount: float) -> str:
     return f"${amount:.{2 - math.floor(math.log10(amount))}f}"
 
 
-def _count(n: int, noun: str) -> str:
+def _plural(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
@@ -611,7 +611,7 @@ async def _run_with_signals(runner: Runner, job: Job, notify: Callable[[str], No
         assert runner.dispatcher is not None
         abandoned = runner.abandon()
         runner.dispatcher.stop_reason = Interrupted(
-            f"interrupted: {_count(abandoned, 'request')} still in flight after "
+            f"interrupted: {_plural(abandoned, 'request')} still in flight after "
             f"{DRAIN_S:g} s {'was' if abandoned == 1 else 'were'} abandoned (the server may "
             "bill them; a resume sends them again); finished rows are kept and the output "
             "is written"

@@ -91,6 +91,24 @@ def _other_job(journal: Path) -> None:
         db.execute("UPDATE meta SET value = 'someone_else' WHERE key = 'job'")
 
 
+def test_a_damaged_page_the_header_does_not_show_ends_in_a_line(tmp_path: Path) -> None:
+    with serving() as sim:
+        job, journal = ran_job(tmp_path, sim)
+        data = bytearray(journal.read_bytes())
+        page = int.from_bytes(data[16:18], "big")
+        data[2 * page :] = b"\xff" * (len(data) - 2 * page)  # every page after the meta's
+        journal.write_bytes(bytes(data))
+        before = sim.sim.stats.requests
+
+        code, output = pipeline("run", job, "--base-url", sim.url)
+
+        assert sim.sim.stats.requests == before
+    line = one_error_line(output)
+    assert code in (1, 2), output
+    assert f"the checkpoint {journal}" in line
+    assert "malformed" in line
+
+
 @pytest.mark.parametrize(
     ("spoil", "said"),
     [
