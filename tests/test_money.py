@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import orjson
@@ -66,9 +66,9 @@ def answered(journal: Path) -> int:
         return 0
 
 
-def wait_for(condition: str, check: object) -> None:
+def wait_for(condition: str, check: Callable[[], bool]) -> None:
     deadline = time.monotonic() + WAIT_S
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, f"never: {condition}"
         time.sleep(0.02)
 
