@@ -582,22 +582,28 @@ def _unreadable(path: Path, exc: sqlite3.DatabaseError) -> CheckpointError:
 def _set_aside(path: Path) -> str | None:
     """--fresh: keep what the old checkpoint holds in a backup file, and say where.
 
-    A checkpoint with no rows is deleted; one with answers (paid for) is copied,
-    -wal included, to `<stem>.discarded-<time>.sqlite`; a file that cannot be read as
-    one is moved there as it is (it may be someone's).
+    A checkpoint with no rows is deleted; one with answers (paid for) is moved to
+    `<stem>.discarded-<time>.sqlite`, its -wal folded in first (a rename: no copy of
+    a large file), or copied if that cannot be done; a file that cannot be read as one
+    is moved there as it is (it may be someone's).
     """
     if not path.exists():
         return None
     stamp = time.strftime("%Y%m%dT%H%M%S")
     backup = path.with_name(f"{path.stem}.discarded-{stamp}{path.suffix}")
+    copied = False
     try:
         _check_file(path)
         with contextlib.closing(_connect(path)) as db:
             _check_tables(path, db)
             held = db.execute("SELECT count(*), total(cost_usd) FROM results").fetchone()
-            if held[0]:
+            busy = held[0] and db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if busy:  # a reader (`pipeline status`) holds part of the -wal: copy it all
                 with contextlib.closing(sqlite3.connect(backup)) as copy:
                     db.backup(copy)
+                copied = True
+        if held[0] and not copied:
+            os.replace(path, backup)  # the -wal is folded in: the file holds it all
     except (CheckpointError, sqlite3.DatabaseError):
         os.replace(path, backup)
         if Path(f"{path}-wal").exists():
