@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -18,8 +19,10 @@ import click
 from pipeline import __version__
 from pipeline.errors import JobError, PipelineError
 from pipeline.journal import Journal
+from pipeline.output import check_replaceable, recorded_output
 from pipeline.plan import Plan, RunOptions, apply_options, estimate, journal_path, make_plan
 from pipeline.progress import summary_table
+from pipeline.redact import env_keys, redact_all
 from pipeline.run import execute
 from pipeline.spec import load_job
 
@@ -32,7 +35,8 @@ def _errors_to_exit(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except PipelineError as exc:
-            click.echo(f"error: {exc}", err=True)
+            # A server's words can reach a message (a halt's reason): never a key in them.
+            click.echo(f"error: {redact_all(str(exc), env_keys(os.environ))}", err=True)
             sys.exit(exc.exit_code)
 
     return wrapper  # type: ignore[return-value]
@@ -71,6 +75,12 @@ def _plan_options(func: F) -> F:
         click.option("--model", help="Model name, instead of the job's."),
         click.option("--limit", type=_positive, help="Only the first N rows."),
         click.option("--simulate", is_flag=True, help="Run against the built-in simulator."),
+        click.option(
+            "--trust-job-hosts",
+            is_flag=True,
+            help="Confirm the hosts and the output place the job file names: the API key "
+            "may go to its base_url (also: PIPELINE_TRUST_JOB_HOSTS=1).",
+        ),
         click.option(
             "--price",
             callback=_parse_price,
@@ -125,7 +135,8 @@ def run(job: Path, input_: Path | None, **flags: Any) -> None:
     if s["failed"] and report.exit_code == 1:
         click.echo("to send the failed rows again: add --retry-failed", err=True)
     if report.message:
-        click.echo(f"error: {report.message}" if report.exit_code else report.message, err=True)
+        message = redact_all(report.message, env_keys(os.environ))
+        click.echo(f"error: {message}" if report.exit_code else message, err=True)
     sys.exit(report.exit_code)
 
 
@@ -144,6 +155,7 @@ def validate(job: Path, input_: Path | None, shown: int, **flags: Any) -> None:
     click.echo(f"model {plan.job.request.model}, prices from {plan.pricer.source}")
     click.echo(f"output {plan.output}")
     _show_rows(plan, shown)
+    check_replaceable(plan.output, recorded_output(plan.journal_path, plan.output))
     if plan.key_problem is not None:
         raise JobError(plan.key_problem)
 

@@ -7,12 +7,14 @@ Failures of the run are exceptions; they stop the job and map to an exit code:
     │   ├── SpecError                 the job file
     │   ├── InputError                the input table
     │   ├── TemplateError             the templates
+    │   ├── Untrusted                 a host or path only the job file names, unconfirmed
+    │   ├── OutputRefused             the output or checkpoint cannot be written there
     │   ├── CheckpointError           a checkpoint that cannot be trusted (garbage,
     │   │                             truncated, its -wal lost, another job's or version's)
     │   └── BudgetTooSmall            --max-cost below what the prompts alone cost
     ├── BudgetReached             3   --max-cost reached
     ├── Halted                    4   the API says stop: auth, quota, unknown model, URL
-    ├── OutputError               1   the output or checkpoint cannot be written
+    ├── OutputError               1   writing the output or checkpoint failed after sending
     └── Interrupted             130   SIGINT / SIGTERM
 
 Failures of one request are values. Dispatch classifies every attempt into a
@@ -67,6 +69,16 @@ class BudgetTooSmall(JobError):
     """--max-cost is below the cost of the prompts alone: refused before sending."""
 
 
+class Untrusted(JobError):
+    """The job file alone names where a key goes or where the output is written, and
+    the user has not confirmed it (--trust-job-hosts / PIPELINE_TRUST_JOB_HOSTS=1)."""
+
+
+class OutputRefused(JobError):
+    """The output, the checkpoint or a file beside them cannot or must not be written
+    there (a symlink, a file no run of this job wrote, no room); nothing was sent."""
+
+
 class BudgetReached(PipelineError):
     exit_code = 3
 
@@ -76,6 +88,8 @@ class Halted(PipelineError):
 
 
 class OutputError(PipelineError):
+    """Writing failed once requests were sent: the answers stay in the checkpoint."""
+
     exit_code = 1
 
 

@@ -37,7 +37,7 @@ import orjson
 import polars as pl
 
 from pipeline import __version__
-from pipeline.errors import CheckpointError, JobError, OutputError
+from pipeline.errors import CheckpointError, JobError, OutputError, OutputRefused
 from pipeline.parse import RESULT_SCHEMA, RowResult
 
 #: Stored beside RESULT_SCHEMA's columns, written to the output only for some jobs.
@@ -186,7 +186,7 @@ class Journal:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create {path.parent}: {exc.strerror}") from None
+            raise OutputRefused(f"cannot create {path.parent}: {exc.strerror}") from None
         lock = _lock(path)
         db: sqlite3.Connection | None = None
         journal: Journal | None = None
@@ -299,7 +299,7 @@ class Journal:
         try:
             self._tally = os.open(tally, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise OutputError(f"cannot create {tally}: {exc.strerror}") from None
+            raise OutputRefused(f"cannot create {tally}: {exc.strerror}") from None
         self._tell()
 
     def _tell(self) -> None:
@@ -455,7 +455,7 @@ def _lock(path: Path) -> IO[str]:
     try:
         handle = open(lock_path, "a+")  # noqa: SIM115 - held open until close()
     except OSError as exc:
-        raise OutputError(f"cannot create the lock file {lock_path}: {exc.strerror}") from None
+        raise OutputRefused(f"cannot create the lock file {lock_path}: {exc.strerror}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -617,8 +617,8 @@ def _set_aside(path: Path) -> str | None:
         return None
     return (
         f"--fresh: the old checkpoint held {held[0]:,} rows (${held[1]:.4f} spent); it is "
-        f"kept as {backup} (run with --journal {backup} to resume from it; delete it when "
-        "you no longer need it)"
+        f"kept as {backup} (--journal {backup} with another --output writes its answers "
+        "out again; delete it when you no longer need it)"
     )
 
 

@@ -12,7 +12,10 @@ that replaces the target only once it is complete and on disk.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,18 +24,22 @@ import orjson
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipeline.errors import OutputError
+from pipeline.errors import CheckpointError, OutputError, OutputRefused
 from pipeline.journal import Journal
 from pipeline.parse import OutputShape
 from pipeline.source import ROW_INDEX
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+#: Ends the name of a file being written (`.out.parquet.<pid>.pipeline-tmp`): a run
+#: killed mid-write leaves it behind, and the next run of the job finds and removes it.
+TEMP_SUFFIX = ".pipeline-tmp"
+_TEMP_PID = re.compile(r"\.(\d+)" + re.escape(TEMP_SUFFIX) + "$")
 
 
 def output_format(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise OutputError(
+        raise OutputRefused(
             f"cannot tell the output format of {path}: use a .parquet or .csv file name"
         )
     return fmt
@@ -128,7 +135,7 @@ def _json(value: Any) -> str | None:
 
 def atomic_write(path: Path, write: Callable[[Path], int]) -> int:
     """Run `write(tmp)`, fsync, then rename over `path`: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         result = write(tmp)
@@ -141,6 +148,112 @@ def atomic_write(path: Path, write: Callable[[Path], int]) -> int:
         with contextlib.suppress(OSError):
             tmp.unlink()
     return result
+
+
+def remove_leftovers(directory: Path, name: str | None = None) -> list[Path]:
+    """Delete the temporary files that runs killed while writing `name` left in
+    `directory` (every file's, by default); return them. A temp of a live process
+    (another run writing now) is kept."""
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for tmp in directory.glob(f".{glob.escape(name) if name else '*'}.*{TEMP_SUFFIX}"):
+        match = _TEMP_PID.search(tmp.name)
+        if match is None or _alive(int(match.group(1))) or tmp.is_dir():
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, and is another user's
+        return True
+    return True
+
+
+def output_record(path: Path) -> str:
+    """What identifies the output a run wrote, kept in its checkpoint (`OUTPUT_META`)."""
+    stat = path.stat()
+    return orjson.dumps(
+        {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    ).decode()
+
+
+def pending_record(path: Path) -> str:
+    """Kept in the checkpoint while the output is being written: a run killed then has
+    left either its old output or its new one there, both its own."""
+    return orjson.dumps({"path": str(path), "pending": True}).decode()
+
+
+def legacy_record(path: Path, finished: float) -> str:
+    """For a checkpoint an earlier version wrote, which kept no record: its run that
+    finished at `finished` wrote the output, so a file no newer than that is its."""
+    return orjson.dumps({"path": str(path), "written_by": finished}).decode()
+
+
+#: The checkpoint's meta key for the output it wrote.
+OUTPUT_META = "output_file"
+
+
+def check_replaceable(path: Path, recorded: str | None) -> None:
+    """Refuse to replace a file that no run of this job wrote (nothing is sent yet).
+
+    `recorded` is the checkpoint's `OUTPUT_META`: the output is this job's if it is
+    the file recorded there, unchanged since, or the one a killed run was writing.
+    """
+    if not os.path.lexists(path):
+        return
+    if path.is_dir():
+        raise OutputRefused(f"the output {path} is a folder: give --output a file name")
+    try:
+        record = orjson.loads(recorded) if recorded else {}
+    except orjson.JSONDecodeError:
+        record = {}
+    if isinstance(record, dict) and record.get("path") == str(path):
+        if record.get("pending"):
+            return
+        stat = path.stat()
+        if (record.get("size"), record.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+            return
+        if stat.st_mtime <= record.get("written_by", -1.0):
+            return
+        why = "changed since this job wrote it"
+    else:
+        why = "was not written by a run of this job (its checkpoint has no record of it)"
+    raise OutputRefused(
+        f"the output {path} already exists and {why}: nothing was sent. Write elsewhere "
+        "with --output PATH, or move or remove that file and run again"
+    )
+
+
+def recorded_output(path: Path, output: Path) -> str | None:
+    """The output the checkpoint at `path` says its job wrote, if it says."""
+    if not path.exists():
+        return None
+    try:
+        checkpoint = Journal.read(path)
+    except (sqlite3.Error, CheckpointError):  # not a sound one: Journal.open says so next
+        return None
+    try:
+        record = checkpoint.meta(OUTPUT_META)
+        finished = checkpoint.meta("last_finished")
+    except sqlite3.Error:
+        return None
+    finally:
+        checkpoint.close()
+    if record is None and finished:
+        # A checkpoint from before outputs were recorded: its last run wrote the output.
+        with contextlib.suppress(ValueError):
+            return legacy_record(output, float(finished))
+    return record
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

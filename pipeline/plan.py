@@ -40,6 +40,15 @@ from pipeline.spec import (
     Job,
     PriceSpec,
     digest,
+    output_place,
+)
+from pipeline.trust import (
+    Destination,
+    Origin,
+    check_base_url,
+    check_output_place,
+    refuse_links,
+    trusted,
 )
 
 #: Rows read, rendered and queued at a time: bounds memory whatever the input's size.
@@ -66,6 +75,8 @@ class RunOptions:
     journal: Path | None = None
     #: USD per million input and output tokens, instead of the job's or genai-prices'.
     price: tuple[float, float] | None = None
+    #: The user confirms the hosts and the output place the job file names (trust.py).
+    trust_job_hosts: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,7 +138,8 @@ def apply_options(job: Job, opts: RunOptions) -> Job:
     if opts.input is not None:
         updates["input"] = job.input.model_copy(update={"path": opts.input.resolve()})
     if opts.output is not None:
-        updates["output"] = job.output.model_copy(update={"path": opts.output.resolve()})
+        place = output_place(opts.output, Path.cwd())
+        updates["output"] = job.output.model_copy(update={"path": place})
     if opts.price is not None:
         updates["price"] = PriceSpec(input_per_mtok=opts.price[0], output_per_mtok=opts.price[1])
     return job.model_copy(update=updates)
@@ -153,7 +165,7 @@ def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -
         assert req.tools_module is not None
         tools = ToolRunner.load(req.tools_module, [t.name for t in req.tools])
     rows = source.count()
-    return Plan(
+    plan = Plan(
         job=job,
         source=source,
         renderer=renderer,
@@ -168,6 +180,29 @@ def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -
         key_problem=_key_problem(job, base_url, api_key),
         rows=min(rows, opts.limit) if opts.limit is not None else rows,
         options=opts,
+    )
+    _check_places(plan, env)
+    return plan
+
+
+def _check_places(plan: Plan, env: Mapping[str, str]) -> None:
+    """Where the run writes: a place the user chose, and never through a link."""
+    job = plan.job
+    check_output_place(
+        plan.output,
+        job_file=job.file or job.root,
+        job_root=job.root,
+        chosen_by_user=plan.options.output is not None,
+        trusted=trusted(plan.options.trust_job_hosts, env),
+    )
+    journal = plan.journal_path
+    refuse_links(
+        [
+            (plan.output, "--output"),
+            (plan.summary_path, "--output"),
+            (plan.files_dir, "--output"),
+            *((Path(f"{journal}{end}"), "--journal") for end in ("", "-wal", "-shm", ".lock")),
+        ]
     )
 
 
@@ -202,12 +237,34 @@ def _target(job: Job, opts: RunOptions, env: Mapping[str, str]) -> tuple[str | N
     base_url = base_url.rstrip("/")
     if urlsplit(base_url).scheme not in ("http", "https"):
         raise SpecError(f"base URL {base_url!r} must start with http:// or https://")
+    api_key = env.get(req.key_env) or None
+    origin: Origin = (
+        "flag"
+        if opts.base_url
+        else "env"
+        if env.get(BASE_URL_ENV[req.provider])
+        else "job"
+        if req.base_url
+        else "default"
+    )
+    check_base_url(
+        Destination(
+            base_url,
+            origin,
+            key_var=req.key_env,
+            url_var=BASE_URL_ENV[req.provider],
+            has_key=api_key is not None,
+            default_url=default,
+            job_file=job.file or job.root,
+            trusted=trusted(opts.trust_job_hosts, env),
+        )
+    )
     if req.provider == "azure" and req.kind == "responses" and not base_url.endswith("/openai/v1"):
         raise SpecError(
             "Azure OpenAI serves the Responses API only under its v1 API: set base_url to "
             "https://<resource>.openai.azure.com/openai/v1 and `model` to the deployment's name"
         )
-    return base_url, env.get(req.key_env) or None
+    return base_url, api_key
 
 
 #: Hosts that refuse every request without a key: no run starts without one.

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import re
 import shutil
 import signal
 import time
@@ -38,15 +39,26 @@ from pipeline.errors import (
     Interrupted,
     JobError,
     OutputError,
+    OutputRefused,
     PipelineError,
     RowRejected,
 )
 from pipeline.journal import Journal, Totals
 from pipeline.limits import WARMUP_RATIO, Limiter
-from pipeline.output import write_bytes_atomic, write_output
+from pipeline.output import (
+    OUTPUT_META,
+    check_replaceable,
+    output_record,
+    pending_record,
+    recorded_output,
+    remove_leftovers,
+    write_bytes_atomic,
+    write_output,
+)
 from pipeline.parse import RowResult, to_results
 from pipeline.plan import BATCH_ROWS, Plan, estimate, fingerprint, limited
 from pipeline.progress import Counters, Display
+from pipeline.redact import redact, redact_result
 from pipeline.render import NullValue, RenderFailed
 from pipeline.source import ROW_INDEX
 from pipeline.spec import Job, digest
@@ -345,8 +357,7 @@ class Runner:
             outcome.answers = self._save_files(outcome.work, answers)
         everyone: list[RowResult] = []
         for result in to_results(outcome, self.plan.pricer):
-            if result.error is not None:
-                result.error = redact(result.error, self.plan.api_key)
+            result = redact_result(result, self.plan.api_key)
             digest = result.request_hash or 0
             followers = self._leaders.pop(digest, [])
             if result.status == "ok" and digest:
@@ -368,7 +379,7 @@ class Runner:
             if answer.data is None:
                 saved.append(answer)
                 continue
-            suffix = str(answer.extra.get("file_suffix") or ".bin")
+            suffix = _safe_suffix(str(answer.extra.get("file_suffix") or ".bin"))
             path = self.plan.files_dir / f"{row}{suffix}"
             write_bytes_atomic(path, answer.data)
             saved.append(dataclasses.replace(answer, text=str(path), data=None))
@@ -453,13 +464,18 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
     if plan.key_problem is not None:
         raise JobError(plan.key_problem)
     check_disk(plan)
+    recorded = recorded_output(plan.journal_path, plan.output)  # before --fresh discards it
     journal = Journal.open(
         plan.journal_path, fingerprint(plan), fresh=plan.options.fresh, job=plan.job.name
     )
     try:
         if journal.set_aside:
             notify(journal.set_aside)
+        check_replaceable(plan.output, recorded)
         budget = _check_budget(plan, journal)  # before the run is on record as started
+        for path in (plan.output, plan.summary_path):
+            remove_leftovers(path.parent, path.name)
+        remove_leftovers(plan.files_dir)
         journal.set_meta(
             last_started=str(started),
             last_finished="",
@@ -476,7 +492,12 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
         async with _server(plan) as base_url:
             runner = Runner(plan, journal, base_url, earlier)
             dispatcher = await _run_with_signals(runner, plan.job, notify)
-        summary = await asyncio.to_thread(_finish, plan, journal, runner, started)
+        journal.set_meta(**{OUTPUT_META: pending_record(plan.output)})
+        try:
+            summary = await asyncio.to_thread(_finish, plan, journal, runner, started)
+        except OutputError as exc:
+            raise OutputError(_kept_note(plan, exc)) from None
+        journal.set_meta(**{OUTPUT_META: output_record(plan.output)})
         if summary["rows_without_usage"]:
             notify(
                 f"warning: {_plural(summary['rows_without_usage'], 'row')} answered without "
@@ -488,6 +509,15 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
     finally:
         journal.close()
     return report
+
+
+def _kept_note(plan: Plan, exc: OutputError) -> str:
+    """Writing failed after sending: the answers are safe, and how to write them out."""
+    return (
+        f"{exc}. Every answer is kept in the checkpoint {plan.journal_path}: to write the "
+        "output, run the same command again once that is fixed, or add --output "
+        f"OTHER{plan.output.suffix} --journal {plan.journal_path} (nothing is sent again)"
+    )
 
 
 def _report(plan: Plan, dispatcher: Dispatcher, summary: dict[str, Any]) -> Report:
@@ -571,14 +601,14 @@ def check_disk(plan: Plan) -> None:
             probe.write_bytes(b"x")
             probe.unlink()
         except OSError as exc:
-            raise OutputError(
+            raise OutputRefused(
                 f"cannot write to {directory} ({exc.strerror or exc}): choose another "
                 "--output (or --journal) or fix the folder's permissions"
             ) from None
         free = shutil.disk_usage(directory).free
         need = MIN_FREE_BYTES + plan.rows * BYTES_PER_ROW
         if free < need:
-            raise OutputError(
+            raise OutputRefused(
                 f"only {free / 2**20:,.0f} MiB free on {directory}; the run needs at least "
                 f"{need / 2**20:,.0f} MiB. Free some space or choose another --output / --journal"
             )
@@ -699,8 +729,10 @@ def _finish(plan: Plan, journal: Journal, runner: Runner, started: float) -> dic
     return summary
 
 
-def redact(text: str, secret: str | None) -> str:
-    """Servers and proxies may echo a key back in an error body; it goes no further."""
-    if secret and len(secret) >= 8:
-        return text.replace(secret, "[redacted]")
-    return text
+def _safe_suffix(suffix: str) -> str:
+    """A file suffix the server chose (an image's format), kept only if it is plainly
+    one: "png/../../x" must not choose where the file goes."""
+    return suffix if _SUFFIX.fullmatch(suffix) else ".bin"
+
+
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}")

@@ -18,9 +18,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import SpecError
+from pipeline.redact import KEY_VAR_SUFFIX
 
 #: Concurrent requests when the job does not say: enough to saturate typical tier limits
 #: at a few hundred ms per answer, few enough to be polite to a self-hosted server.
@@ -165,6 +173,19 @@ class RequestSpec(_Strict):
     def key_env(self) -> str:
         return self.api_key_env or KEY_ENV[self.provider]
 
+    @field_validator("api_key_env")
+    @classmethod
+    def _names_an_api_key(cls, name: str | None) -> str | None:
+        # A job file must not be able to send any secret it likes as a bearer token
+        # (AWS_SECRET_ACCESS_KEY, GITHUB_TOKEN): only variables meant for API keys.
+        if name is not None and not name.endswith(KEY_VAR_SUFFIX):
+            raise ValueError(
+                f"names ${name}, which is not meant for an API key: only variables whose "
+                f"names end in {KEY_VAR_SUFFIX} can be named (e.g. MY_SERVER_{KEY_VAR_SUFFIX}"
+                "); put the key in such a variable and name that one"
+            )
+        return name
+
     @model_validator(mode="after")
     def _provider_serves_endpoint(self) -> RequestSpec:
         if self.provider == "anthropic" and self.kind != "messages":
@@ -258,6 +279,8 @@ class Job(_Strict):
     name: str
     #: The job file's directory: relative paths in the file resolve against it.
     root: Path
+    #: The job file itself, named in messages about what it alone decides.
+    file: Path | None = None
     input: InputSpec
     output: OutputSpec = OutputSpec()
     request: RequestSpec
@@ -340,6 +363,7 @@ def load_job(path: Path) -> Job:
     root = path.resolve().parent
     raw.setdefault("name", path.stem)
     raw["root"] = root
+    raw["file"] = path
     try:
         job = Job.model_validate(raw)
     except ValidationError as exc:
@@ -355,7 +379,8 @@ def _resolve_paths(job: Job) -> Job:
         "input": job.input.model_copy(update={"path": absolute(job.input.path)})
     }
     if job.output.path is not None:
-        updates["output"] = job.output.model_copy(update={"path": absolute(job.output.path)})
+        place = output_place(job.output.path, job.root)
+        updates["output"] = job.output.model_copy(update={"path": place})
     request: dict[str, Any] = {}
     schema = job.request.json_schema
     if schema is not None and schema.file is not None:
@@ -366,6 +391,13 @@ def _resolve_paths(job: Job) -> Job:
     if request:
         updates["request"] = job.request.model_copy(update=request)
     return job.model_copy(update=updates)
+
+
+def output_place(path: Path, root: Path) -> Path:
+    """An output path made absolute against `root`, its folder resolved but not the file
+    itself: a symbolic link there stays visible, to be refused, not followed."""
+    full = path if path.is_absolute() else root / path
+    return full.parent.resolve() / full.name
 
 
 def _explain(path: Path, exc: ValidationError) -> str:
@@ -402,4 +434,5 @@ def _fields_at(loc: tuple[str, ...]) -> list[str]:
         if not models:
             break
         model = models[0]
-    return [f.alias or name for name, f in model.model_fields.items() if name != "root"]
+    hidden = ("root", "file")  # set by load_job, not written in a job file
+    return [f.alias or name for name, f in model.model_fields.items() if name not in hidden]

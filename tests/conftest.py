@@ -35,6 +35,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "AZURE_OPENAI_ENDPOINT",
         "ANTHROPIC_API_KEY",
         "ANTHROPIC_BASE_URL",
+        "PIPELINE_TRUST_JOB_HOSTS",
     ):
         monkeypatch.delenv(name, raising=False)
 

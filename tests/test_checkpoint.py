@@ -188,7 +188,7 @@ def test_unwritable_output_stops_before_sending(tmp_path: Path, sim: Server) -> 
 
     result = run_job(job, sim)
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a refusal before sending (issue 10)
     assert "cannot write to" in result.output
     assert sim.sim.stats.requests == 0
 
