@@ -34,6 +34,7 @@ from pipeline.errors import (
     ResponseInvalid,
     ServerError,
 )
+from pipeline.faults import FaultWatch
 from pipeline.limits import Limiter
 from pipeline.transport import Transport, classify
 
@@ -131,6 +132,15 @@ class DispatchStats:
     maybe_billed_retries: int = 0
 
 
+#: A gateway with no server behind it answers these; many in a row with no success
+#: between say the server is down, not that the request is wrong.
+_GATEWAY_DOWN = frozenset({502, 503, 504})
+
+
+def _gateway_down(failure: RequestFailure) -> bool:
+    return isinstance(failure, ServerError) and failure.status in _GATEWAY_DOWN
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -145,6 +155,7 @@ class Dispatcher:
         not_sent: Callable[[Work], Awaitable[None]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._transport = transport
         self._endpoint = endpoint
@@ -163,6 +174,8 @@ class Dispatcher:
         self._sleep = sleep
         self._rng = random.Random(seed)
         self._same_error: tuple[str, int] = ("", 0)
+        #: Faults that will not clear (an unreachable server, a 429 storm) stop the run.
+        self.faults = FaultWatch(clock)
         self.stats = DispatchStats()
         #: Why the run stopped early, if it did.
         self.stop_reason: PipelineError | None = None
@@ -209,6 +222,7 @@ class Dispatcher:
             billed = billed or failure is None or failure.maybe_billed
             if failure is None:
                 self._same_error = ("", 0)
+                self.faults.succeeded()
                 self._limiter.recovered()
                 answers = outcome.answers or []
                 counted = sum(a.usage.prompt_tokens for a in answers)
@@ -239,16 +253,34 @@ class Dispatcher:
                 self.stop(Halted(failure.message))
                 await self._forget(work, recorded and not billed)
                 return None
+            if self.stopped and failure.should_retry:
+                await self._forget(work, recorded and not billed)
+                return None  # it would have been tried again: it stays pending
             if isinstance(failure, RateLimited) and sends - tries <= MAX_RATE_LIMITED:
                 # The server said when to come back and billed nothing: every worker
-                # waits (in acquire), and the wait does not use up the row's attempts.
+                # waits (in acquire), and the wait does not use up the row's attempts;
+                # the wait grows while nothing is answered, and a storm halts the run.
                 self.stats.rate_limited += 1
-                self._limiter.pause(failure.retry_after or self._policy.backoff_s)
+                wait, halt = self.faults.rate_limited(
+                    failure.retry_after, base_s=self._policy.backoff_s
+                )
+                if halt is not None:
+                    self.stop(halt)
+                    await self._forget(work, recorded and not billed)
+                    return None
+                self._limiter.pause(wait)
             else:
                 if isinstance(failure, ServerError) and failure.slow_down:
                     self._limiter.slow_down()
                 tries += 1
-                if not failure.should_retry or tries >= self._policy.max_attempts:
+                last = not failure.should_retry or tries >= self._policy.max_attempts
+                if failure.outage or _gateway_down(failure):
+                    halt = self.faults.outage(failure, gave_up=last, early=failure.outage)
+                    if halt is not None:
+                        self.stop(halt)
+                        await self._forget(work, recorded and not billed)
+                        return None  # the server is down, not the row: it stays pending
+                if last:
                     self._watch_repeats(failure)
                     return outcome
                 await self._sleep(self._policy.delay(tries, failure, self._rng))

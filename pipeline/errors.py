@@ -15,7 +15,8 @@ Failures of the run are exceptions; they stop the job and map to an exit code:
     ├── BudgetReached             3   --max-cost reached
     ├── Halted                    4   the API says stop: auth, quota, unknown model, URL
     ├── OutputError               1   writing the output or checkpoint failed after sending
-    └── Interrupted             130   SIGINT / SIGTERM
+    └── Interrupted             130   SIGINT
+        └── Terminated          143   SIGTERM
 
 Failures of one request are values. Dispatch classifies every attempt into a
 `RequestFailure` whose class says what happens next; retrying is a class property,
@@ -24,15 +25,24 @@ never a match on a message:
     RequestFailure
     ├── Retryable                 send again after backoff
     │   ├── ConnectFailed             never reached the server: nothing billed
+    │   ├── NotAnApi                  a 2xx HTML page (a proxy, a captive portal): not the API
     │   ├── ReadFailed                sent, no usable answer: possibly billed
+    │   │   └── NoAnswer                  no answer before the deadline
     │   ├── ServerError               408, 409, 5xx, 529
     │   └── RateLimited               429 rate_limit_exceeded: pause every worker
     ├── RowFailed                 this row fails, no retry (400, 413, 422, too large)
+    │   ├── ResponseTooLarge          the answer's body is over the size cap
     │   ├── RowRejected               never sent: a null the job forbids, a template error
+    │   │   └── PromptTooLarge            over the context window or the job's TPM
     │   ├── PromptFiltered            the provider's content filter refused the prompt
     │   └── ResponseInvalid           answered, but not JSON / not matching the schema
     │       └── AnswerFiltered            the content filter withheld the answer
-    └── Fatal                     halt the run at the first one (401, 402, 403, 404, quota)
+    └── Fatal                     halt the run at the first one (401, 402, 403, 404, quota,
+                                  a TLS certificate the client cannot trust)
+
+`outage` marks failures that say the server as a whole is not serving (it cannot be
+reached, or what answers is not the API): dispatch halts the run on a run of them with
+no success between, instead of failing every row the same way (faults.py).
 """
 
 from __future__ import annotations
@@ -97,6 +107,12 @@ class Interrupted(PipelineError):
     exit_code = 130
 
 
+class Terminated(Interrupted):
+    """SIGTERM: a supervisor (systemd, Kubernetes, a CI runner) stopped the run."""
+
+    exit_code = 143
+
+
 class RequestFailure(Exception):
     """One attempt's failure. `kind` is the short name written to `error_type`."""
 
@@ -107,6 +123,9 @@ class RequestFailure(Exception):
     #: Many rows failing the same way says the job is wrong (the request's shape), not
     #: the rows. False for failures about a row's own content, however many there are.
     job_signal = True
+    #: The server as a whole is not serving (unreachable, or not the API): a run of these
+    #: with no success between halts the run rather than failing each row.
+    outage = False
 
     def __init__(
         self,
@@ -136,10 +155,25 @@ class Retryable(RequestFailure):
 class ConnectFailed(Retryable):
     kind = "connect"
     maybe_billed = False
+    outage = True
+
+
+class NotAnApi(Retryable):
+    """A 2xx whose body is an HTML page: a proxy's, a captive portal's, a web site's."""
+
+    kind = "not_api"
+    maybe_billed = False
+    outage = True
 
 
 class ReadFailed(Retryable):
     kind = "read"
+
+
+class NoAnswer(ReadFailed):
+    """Connected and sent, but no answer came before the deadline."""
+
+    outage = True
 
 
 class ServerError(Retryable):
@@ -162,10 +196,26 @@ class RowFailed(RequestFailure):
     maybe_billed = False
 
 
+class ResponseTooLarge(RowFailed):
+    """The answer's decoded body is over the cap (a gzip bomb, a runaway answer)."""
+
+    kind = "response_too_large"
+    maybe_billed = True
+    job_signal = False
+
+
 class RowRejected(RowFailed):
     """The row could not be made into a request (a null the job forbids, a template error)."""
 
     kind = "invalid_row"
+
+
+class PromptTooLarge(RowRejected):
+    """Never sent: the prompt is over the model's context window, or the request over
+    the job's tokens per minute (it could never be admitted)."""
+
+    kind = "too_large"
+    job_signal = False
 
 
 class PromptFiltered(RowFailed):

@@ -418,8 +418,18 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    when = _http_date(value)
+    if when is None:
         return None
-    return max(0.0, when.timestamp() - time.time())
+    # Against the server's own clock when it sent one: a local clock minutes off would
+    # turn a short wait into none, or into a long one.
+    now = _http_date(headers.get("date") or "")
+    return max(0.0, when - (now if now is not None else time.time()))
+
+
+def _http_date(text: str) -> float | None:
+    """An HTTP-date (RFC 9110) as a Unix time; None when it is not one."""
+    try:
+        return email.utils.parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None

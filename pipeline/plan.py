@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import polars as pl
 
+from pipeline.bounds import RowBounds
 from pipeline.cost import Pricer, make_pricer
 from pipeline.endpoints import (
     Endpoint,
@@ -36,6 +37,7 @@ from pipeline.source import ROW_INDEX, Source, open_source
 from pipeline.spec import (
     ANTHROPIC_BASE_URL,
     BASE_URL_ENV,
+    MAX_CONCURRENCY,
     OPENAI_BASE_URL,
     Job,
     PriceSpec,
@@ -123,7 +125,13 @@ def journal_path(output: Path, override: Path | None = None) -> Path:
 
 
 def apply_options(job: Job, opts: RunOptions) -> Job:
-    """Flags win over the job file."""
+    """Flags win over the job file, within the same bounds."""
+    if opts.concurrency is not None and opts.concurrency > MAX_CONCURRENCY:
+        raise SpecError(
+            f"--concurrency {opts.concurrency} is more than {MAX_CONCURRENCY:,}, the most a "
+            f"run may have in flight (as for limits.concurrency): use --concurrency "
+            f"{MAX_CONCURRENCY} or less"
+        )
     req: dict[str, Any] = {"model": opts.model, "base_url": opts.base_url}
     lim: dict[str, Any] = {
         "rpm": opts.rpm,
@@ -330,7 +338,8 @@ def limited(batches: Iterator[pl.DataFrame], limit: int | None) -> Iterator[pl.D
 @dataclass(frozen=True)
 class Estimate:
     rows: int
-    #: Rows that would fail before sending (a null the job forbids, a template error).
+    #: Rows that would fail before sending (a null the job forbids, a template error,
+    #: a prompt over the context window or a request over the job's TPM).
     rejected: int
     prompt_tokens: int
     #: The most completion tokens the rows can use: rows x max_tokens.
@@ -348,6 +357,8 @@ def estimate(plan: Plan, done: Callable[[int, int], set[int]] | None = None) -> 
     `done(first, last)`: the rows in [first, last] a checkpoint already holds, left out.
     """
     rows = rejected = prompt = 0
+    too_big = RowBounds.for_job(plan.job)
+    out = plan.endpoint.max_output_tokens()
     for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
         index = batch.get_column(ROW_INDEX)
         skip = done(int(index.min()), int(index.max())) if done and batch.height else set()  # type: ignore[arg-type]
@@ -355,11 +366,16 @@ def estimate(plan: Plan, done: Callable[[int, int], set[int]] | None = None) -> 
             if row[ROW_INDEX] in skip:
                 continue
             try:
-                prompt += plan.endpoint.item(plan.renderer.render(row)).tokens
-                rows += 1
+                tokens = plan.endpoint.item(plan.renderer.render(row)).tokens
             except (NullValue, RenderFailed, RowProblem):
                 rejected += 1
-    completion = rows * plan.endpoint.max_output_tokens()
+                continue
+            if too_big.problem(prompt_tokens=tokens, request_tokens=tokens + out):
+                rejected += 1  # too big to send: it fails before sending
+                continue
+            prompt += tokens
+            rows += 1
+    completion = rows * out
     limits = plan.job.limits
     requests = -(-rows // plan.endpoint.batch_rows)
     bounds = [requests / limits.rpm if limits.rpm else 0.0]

@@ -24,11 +24,13 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import polars as pl
 
 from pipeline import __version__
+from pipeline.bounds import RowBounds
 from pipeline.dispatch import Dispatcher, Outcome, RetryPolicy, Work, rejected
 from pipeline.endpoints import Answer, Endpoint, HttpRequest, RowProblem, Usage
 from pipeline.endpoints.base import JSON
@@ -36,11 +38,11 @@ from pipeline.endpoints.tools import ToolRunner
 from pipeline.errors import (
     BudgetReached,
     BudgetTooSmall,
-    Interrupted,
     JobError,
     OutputError,
     OutputRefused,
     PipelineError,
+    PromptTooLarge,
     RowRejected,
 )
 from pipeline.journal import Journal, Totals
@@ -57,12 +59,15 @@ from pipeline.output import (
 )
 from pipeline.parse import RowResult, to_results
 from pipeline.plan import BATCH_ROWS, Plan, estimate, fingerprint, limited
+from pipeline.preflight import check_server
 from pipeline.progress import Counters, Display
 from pipeline.redact import redact, redact_result
 from pipeline.render import NullValue, RenderFailed
+from pipeline.signals import Signals, stopped
 from pipeline.source import ROW_INDEX
 from pipeline.spec import Job, digest
 from pipeline.transport import AiohttpTransport
+from pipeline.trust import is_loopback
 
 #: Entries committed in one transaction at most; a commit takes whatever is waiting.
 COMMIT_ROWS = 2_000
@@ -113,6 +118,7 @@ class Runner:
     def __init__(self, plan: Plan, journal: Journal, base_url: str, earlier: Totals):
         self.plan = plan
         self.journal = journal
+        self.base_url = base_url
         job = plan.job
         self.url = plan.provider.url(base_url, plan.endpoint.path)
         self.headers = plan.provider.headers(plan.api_key)
@@ -131,6 +137,8 @@ class Runner:
         #: Rows of a batching endpoint waiting to fill a request.
         self._group: list[Work] = []
         self._group_tokens = 0
+        #: Rows too big to ever be answered fail before sending.
+        self._bounds = RowBounds.for_job(job)
         #: The producer and the workers, once running: what abandon() cancels.
         self._senders: list[asyncio.Task[None]] = []
 
@@ -156,6 +164,13 @@ class Runner:
             before_send=self._record_sending,
             not_sent=self._record_not_sent,
         )
+        # Before the first row: a server that cannot serve any halts the run here.
+        plan = self.plan
+        halt = await check_server(
+            transport, plan.provider, self.base_url, self.headers, plan.endpoint
+        )
+        if halt is not None:
+            dispatcher.stop(halt)
         # Bounded queues: a full inbox blocks the producer (backpressure), so memory
         # holds a batch and a few requests per worker, never the whole input.
         inbox: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=limits.concurrency * 2)
@@ -283,11 +298,16 @@ class Runner:
             except (NullValue, RenderFailed, RowProblem) as exc:
                 ready.append(rejected(index, RowRejected(str(exc))))
                 continue
+            size = item.tokens + extra_tokens
+            too_big = self._bounds.problem(prompt_tokens=item.tokens, request_tokens=size)
+            if too_big is not None:
+                ready.append(rejected(index, PromptTooLarge(too_big)))
+                continue
             works.append(
                 Work(
                     rows=(index,),
                     request=_UNSENT,
-                    tokens=item.tokens + extra_tokens,
+                    tokens=size,
                     digests=(_digest(item.key),),
                     weights=(item.tokens,),
                     payload=item.payload,
@@ -629,54 +649,58 @@ async def _server(plan: Plan) -> AsyncIterator[str]:
 
 
 async def _run_with_signals(runner: Runner, job: Job, notify: Callable[[str], None]) -> Dispatcher:
-    """SIGINT/SIGTERM: stop taking rows and drain; a second signal (or DRAIN_S) cuts short."""
+    """SIGINT/SIGTERM: stop taking rows and drain; a second signal exits at once
+    (signals.py), and DRAIN_S cuts the drain short."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    signals = (signal.SIGINT, signal.SIGTERM)
 
     drain: list[asyncio.TimerHandle] = []
 
-    def on_drain_timeout() -> None:
+    def on_drain_timeout(sig: signal.Signals) -> None:
         assert runner.dispatcher is not None
         abandoned = runner.abandon()
-        runner.dispatcher.stop_reason = Interrupted(
+        runner.dispatcher.stop_reason = stopped(
+            sig,
             f"interrupted: {_plural(abandoned, 'request')} still in flight after "
             f"{DRAIN_S:g} s {'was' if abandoned == 1 else 'were'} abandoned (the server may "
             "bill them; a resume sends them again); finished rows are kept and the output "
-            "is written"
+            "is written",
         )
 
-    def on_signal() -> None:
+    def on_signal(sig: signal.Signals) -> None:
         if runner.dispatcher is None or runner.dispatcher.stopped:
             task.cancel()
             return
-        stop = Interrupted("interrupted: finished rows are kept; run again to resume")
+        stop = stopped(sig, "interrupted: finished rows are kept; run again to resume")
         runner.dispatcher.stop(stop)
         # The drain's end abandons the requests still out and writes the output; only
         # a second signal stops without it.
-        drain.append(loop.call_later(DRAIN_S, on_drain_timeout))
+        drain.append(loop.call_later(DRAIN_S, on_drain_timeout, sig))
         notify(
             f"stopping: requests in flight have up to {DRAIN_S:.0f} s to finish, then the "
             "output is written; interrupt again to stop at once"
         )
 
-    for sig in signals:
-        loop.add_signal_handler(sig, on_signal)
     transport = AiohttpTransport(
         timeout_s=job.request.timeout_s,
         connect_timeout_s=job.request.connect_timeout_s,
+        max_body_bytes=runner.plan.endpoint.max_response_bytes,
+        # A proxy from the environment is for the way out, not for this machine's servers
+        # (the simulator, a local llama.cpp): NO_PROXY rarely lists 127.0.0.1.
+        trust_env=not is_loopback(urlsplit(runner.url).hostname or ""),
     )
-    try:
-        async with transport:
-            return await runner.run(transport)
-    except asyncio.CancelledError:
-        raise Interrupted("interrupted twice: stopped at once; finished rows are kept") from None
-    finally:
-        for handle in drain:
-            handle.cancel()
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    with Signals(loop, on_signal) as signals:
+        try:
+            async with transport:
+                return await runner.run(transport)
+        except asyncio.CancelledError:
+            raise stopped(
+                signals.first, "stopped before the drain ended; finished rows are kept"
+            ) from None
+        finally:
+            for handle in drain:
+                handle.cancel()
 
 
 def _finish(plan: Plan, journal: Journal, runner: Runner, started: float) -> dict[str, Any]:

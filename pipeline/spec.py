@@ -33,6 +33,9 @@ from pipeline.redact import KEY_VAR_SUFFIX
 #: Concurrent requests when the job does not say: enough to saturate typical tier limits
 #: at a few hundred ms per answer, few enough to be polite to a self-hosted server.
 DEFAULT_CONCURRENCY = 16
+#: Requests in flight at most, from the job file or --concurrency: each holds a socket and
+#: a worker; beyond a few thousand a run meets file-descriptor limits, not the API's.
+MAX_CONCURRENCY = 4096
 #: Attempts per row before it is recorded as failed (1 try + 5 retries).
 DEFAULT_MAX_ATTEMPTS = 6
 #: Deadline for one attempt, connect to last byte. Long answers from slow models fit.
@@ -250,7 +253,7 @@ class TemplateSpec(_Strict):
 class LimitsSpec(_Strict):
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
-    concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1, le=4096)
+    concurrency: int = Field(default=DEFAULT_CONCURRENCY, ge=1, le=MAX_CONCURRENCY)
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=100)
     #: Share of failed rows the run tolerates before exiting 1.
     max_error_rate: float = Field(default=0.0, ge=0, le=1)

@@ -23,10 +23,13 @@ from pipeline.endpoints import Endpoint, HttpRequest, HttpResponse
 from pipeline.errors import (
     ConnectFailed,
     Fatal,
+    NoAnswer,
+    NotAnApi,
     PromptFiltered,
     RateLimited,
     ReadFailed,
     RequestFailure,
+    ResponseTooLarge,
     RowFailed,
     ServerError,
 )
@@ -38,6 +41,16 @@ _SERVER_ERRORS = frozenset({408, 409, 500, 502, 503, 504, 529})
 #: Bodies bigger than this (images sent inline) are written in chunks that let the loop
 #: run between them; aiohttp warns that raw bytes this big would hold it while written.
 LARGE_BODY_BYTES = 2**20
+#: The most decoded bytes read from one answer. A chat answer of 128 choices at a 128k
+#: window is a few MB; 32 MiB is far above any real one and keeps a gzip bomb (a small
+#: body that inflates to gigabytes) from becoming a row, a checkpoint and the memory.
+#: Endpoints whose answers are big by nature (embeddings, images) set their own
+#: (`Endpoint.max_response_bytes`).
+MAX_BODY_BYTES = Endpoint.max_response_bytes
+#: Read the answer this much at a time, counting as it comes.
+_READ_CHUNK = 2**16
+#: What a likely cause of a connection that will not open is, and its fix.
+_CHECK_URL = "check --base-url / request.base_url"
 
 
 class Transport(Protocol):
@@ -49,9 +62,19 @@ class Transport(Protocol):
 class AiohttpTransport:
     """One `ClientSession` for the whole run; no redirects; every attempt has a deadline."""
 
-    def __init__(self, *, timeout_s: float, connect_timeout_s: float, connections: int = 0):
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        connect_timeout_s: float,
+        connections: int = 0,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        trust_env: bool = True,
+    ):
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
         self._connections = connections
+        self._max_body = max_body_bytes
+        self._trust_env = trust_env
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AiohttpTransport:
@@ -61,6 +84,8 @@ class AiohttpTransport:
             timeout=self._timeout,
             # Cookies a server sets are not ours to carry from one row to the next.
             cookie_jar=aiohttp.DummyCookieJar(),
+            # HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and .netrc), as the official SDKs do.
+            trust_env=self._trust_env,
         )
         return self
 
@@ -84,10 +109,36 @@ class AiohttpTransport:
                 headers=request.headers,
                 allow_redirects=False,
             ) as response:
-                body = await response.read()
+                body = await _read_capped(response, self._max_body)
                 return HttpResponse(response.status, response.headers, body)
         except Exception as exc:
             raise map_exception(exc) from exc
+
+
+async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The decoded body, or ResponseTooLarge as soon as it passes `cap` bytes."""
+    declared = response.content_length
+    if declared is not None and not response.headers.get("content-encoding"):
+        if declared > cap:
+            raise _too_large(declared, cap, response.status)
+        return await response.read()  # the usual answer: its size known and within the cap
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(_READ_CHUNK):
+        size += len(chunk)
+        if size > cap:
+            raise _too_large(size, cap, response.status)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, cap: int, status: int) -> ResponseTooLarge:
+    return ResponseTooLarge(
+        f"the answer is over {size / 2**20:,.1f} MiB decoded, more than the "
+        f"{cap / 2**20:,.0f} MiB a response may hold: not kept (a compressed body that "
+        "inflates without end, or a runaway answer; lower max_tokens / n if it is yours)",
+        status=status,
+    )
 
 
 def map_exception(exc: BaseException) -> RequestFailure:
@@ -99,9 +150,43 @@ def map_exception(exc: BaseException) -> RequestFailure:
     if isinstance(exc, RequestFailure):
         return exc
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return ConnectFailed(f"timed out connecting to the server: {exc}")
+        return ConnectFailed(
+            f"timed out connecting to the server: {_CHECK_URL}, the network, or a proxy "
+            "(HTTPS_PROXY / NO_PROXY)"
+        )
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return ConnectFailed(
+            f"cannot connect to the proxy {exc.host}:{exc.port} ({_reason(exc.os_error)}): "
+            "check HTTPS_PROXY / HTTP_PROXY, or list the API's host in NO_PROXY"
+        )
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return ConnectFailed(
+            f"the proxy refused to connect to the API ({exc.status} {exc.message}): check "
+            "HTTPS_PROXY / HTTP_PROXY (and its credentials), or list the host in NO_PROXY"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return Fatal(
+            f"the TLS certificate of {exc.host} is not trusted ({exc.certificate_error}): "
+            f"{_CHECK_URL}; behind a proxy that inspects TLS, point SSL_CERT_FILE at its "
+            "CA bundle"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorSSLError | aiohttp.ClientSSLError):
+        return Fatal(
+            f"TLS failed with {_host(exc)} ({_reason(exc)}): {_CHECK_URL} (http:// for a "
+            "server without TLS, https:// for one with it)"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return ConnectFailed(
+            f"cannot resolve the host name {exc.host!r}: {_CHECK_URL} for a typo, or the "
+            "network / DNS"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return ConnectFailed(f"cannot connect to {exc.host}:{exc.port}: {exc.os_error}")
+        refused = isinstance(exc.os_error, ConnectionRefusedError)
+        why = "connection refused: is the server running on that port?" if refused else None
+        return ConnectFailed(
+            f"cannot connect to {exc.host}:{exc.port} ({why or _reason(exc.os_error)}): "
+            f"{_CHECK_URL}"
+        )
     if isinstance(exc, aiohttp.InvalidURL):
         return Fatal(f"invalid URL {exc.url}: check --base-url / request.base_url")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
@@ -109,10 +194,24 @@ def map_exception(exc: BaseException) -> RequestFailure:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return ReadFailed(f"the answer was cut off: {exc}")
     if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
-        return ReadFailed("no answer before the request deadline (request.timeout_s)")
+        return NoAnswer("no answer before the request deadline (request.timeout_s)")
     if isinstance(exc, aiohttp.ClientError | OSError):
         return ReadFailed(f"connection failed after sending: {type(exc).__name__}: {exc}")
     raise exc
+
+
+def _host(exc: BaseException) -> str:
+    return str(getattr(exc, "host", None) or "the server")
+
+
+def _reason(exc: BaseException | None) -> str:
+    """An OS or SSL error's reason, without its errno noise."""
+    if exc is None:
+        return "no reason given"
+    inner = getattr(exc, "os_error", None)
+    cause = inner if isinstance(inner, BaseException) else exc
+    text = getattr(cause, "reason", None) or getattr(cause, "strerror", None) or str(cause)
+    return str(text) or type(cause).__name__
 
 
 def classify(
@@ -121,7 +220,7 @@ def classify(
     """Decide what a response means, from its status, headers and error body."""
     status = response.status
     if 200 <= status < 300:
-        return None
+        return _not_an_api(response)
     headers = response.headers
     body = _json_or_text(response.body)
     error = endpoint.error(body)
@@ -200,6 +299,36 @@ def _classify_429(
             f"quota, not a rate limit ({detail})"
         )
     return RateLimited(f"rate limited: {detail}")
+
+
+def _not_an_api(response: HttpResponse) -> NotAnApi | None:
+    """A 2xx HTML page, or a body that says it is something other than JSON and does not
+    look like it, is not an API's answer (every endpoint answers JSON): a proxy's login
+    page, a captive portal, a web site at the base URL (a missing /v1 often lands on one).
+    A cut or garbled JSON body is not this: it is retried as a read failure."""
+    kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    start = response.body[:64].lstrip()
+    if "text/html" in kind or start.lower().startswith((b"<!doctype html", b"<html")):
+        what = f"an HTML page{_title(response.body)}"
+    elif kind and "json" not in kind and not start.startswith((b"{", b"[")):
+        what = f"a {kind} body"
+    else:
+        return None
+    return NotAnApi(
+        f"HTTP {response.status} with {what} instead of the API's JSON: the base URL is "
+        "not the API (a missing /v1? a web site?) or a proxy or captive portal answered; "
+        "check --base-url and HTTPS_PROXY / NO_PROXY",
+        status=response.status,
+    )
+
+
+def _title(body: bytes) -> str:
+    low = body[:4096].lower()
+    start, end = low.find(b"<title>"), low.find(b"</title>")
+    if start < 0 or end < start:
+        return ""
+    text = body[start + 7 : end].decode("utf-8", "replace").strip()
+    return f' ("{" ".join(text.split())[:80]}")' if text else ""
 
 
 def _filtered(body: object, detail: str) -> str:

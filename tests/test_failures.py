@@ -177,7 +177,8 @@ def test_same_server_error_on_every_row_halts_the_job(tmp_path: Path, sim: Serve
     assert sim.sim.stats.requests < 2 * 60
 
 
-def test_connection_refused_is_retried_then_fails_the_rows(tmp_path: Path) -> None:
+def test_connection_refused_halts_with_the_rows_pending(tmp_path: Path) -> None:
+    # A refused port will not clear by retrying row by row: the run halts (issue 10).
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -185,10 +186,10 @@ def test_connection_refused_is_retried_then_fails_the_rows(tmp_path: Path) -> No
 
     result = invoke("run", job, "--base-url", f"http://127.0.0.1:{port}/v1")
 
-    assert result.exit_code == 1
+    assert result.exit_code == 4, result.output
+    assert "connection refused" in result.output
     out = read_output(tmp_path / "out.parquet")
-    assert out["error_type"].to_list() == ["connect", "connect"]
-    assert out["attempts"].to_list() == [2, 2]
+    assert out["status"].to_list() == ["pending", "pending"]  # a resume sends them
 
 
 def test_read_timeout_is_retried(tmp_path: Path, sim: Server) -> None:

@@ -114,6 +114,9 @@ class Endpoint(ABC):
     prepare_rows: int = 500
     #: The output column the answer goes to: "response" (text), "embedding", "image_path".
     answer_column: str = "response"
+    #: The most decoded bytes one answer may have (transport.MAX_BODY_BYTES): more for
+    #: endpoints whose answers are big by nature.
+    max_response_bytes: int = 32 * 2**20
 
     #: Relative file references (images, audio) resolve against this folder.
     base_dir: Path = Path(".")

@@ -30,6 +30,8 @@ class Embeddings(Endpoint):
     path = "/embeddings"
     answer_column = "embedding"
     batch_tokens = BATCH_TOKENS
+    #: 2,048 vectors of 3,072 floats as JSON text are about 130 MB.
+    max_response_bytes = 256 * 2**20
 
     def __init__(self, spec: RequestSpec) -> None:
         self._spec = spec

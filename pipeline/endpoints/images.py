@@ -51,6 +51,8 @@ IMAGE_OUTPUT_TOKENS = {
 class ImageGenerations(Endpoint):
     path = "/images/generations"
     answer_column = "image_path"
+    #: Up to 10 base64 images of a few MB each.
+    max_response_bytes = 128 * 2**20
 
     def __init__(self, spec: RequestSpec, template: TemplateSpec) -> None:
         _check_job(spec, template)

@@ -27,7 +27,10 @@ From the command line `pipeline simulate` calls `serve(config, host, port)`.
 
 One row can be told how to fail: a last message (or embedding input) containing
 `<<sim:500>>` is answered with that fault every time, `<<sim:500:2>>` only the first
-two times that exact body arrives, then normally. `GET /_sim/stats` returns the
+two times that exact body arrives, then normally. Besides error answers, a kind can be a
+misbehaviour: "html" (a 200 with a captive portal's page), "bomb" (a gzip body that
+inflates to _BOMB_BYTES), "silent" (never answers), "zerolimit" (rate-limit headers at
+zero), "echokey" (a 401 that repeats the key). `GET /_sim/stats` returns the
 counters as JSON for a test in another process.
 """
 
@@ -38,6 +41,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -50,6 +54,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from array import array
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +92,18 @@ _MAX_EMBEDDING_INPUTS: Final = 2048
 _MAX_CHOICES: Final = 128
 # "slow" holds the answer this long: longer than the read timeouts tests configure.
 _SLOW_DELAY_S: Final = 2.0
+# "silent" accepts the request and never answers (stop() cancels it).
+_SILENT_S: Final = 3600.0
+# "bomb" sends a gzip body this big once inflated, from about 100 KB on the wire: more
+# than any client should hold for one answer.
+_BOMB_BYTES: Final = 128 * 2**20
+# "zerolimit" answers with remaining 0 and this reset: a client must wait, not stall.
+_ZERO_LIMIT_RESET: Final = "20ms"
+# "html" answers 200 with the page a captive portal or a proxy's login would send.
+_HTML_PAGE: Final = (
+    b"<!DOCTYPE html>\n<html><head><title>Sign in to the network</title></head>"
+    b"<body><form action='/login'>Accept the terms to continue</form></body></html>\n"
+)
 # stop() lets in-flight requests finish this long, then cancels them (a "slow" answer
 # must not hold a test's teardown for seconds).
 _SHUTDOWN_GRACE_S: Final = 0.5
@@ -172,6 +189,8 @@ class SimStats:
     errors: int = 0
     #: Tokens the admitted requests were charged against TPM (prompt + max output).
     tokens: int = 0
+    #: GET /models and /models/{id}: not API calls, and not in `requests`.
+    listings: int = 0
     by_body: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -184,6 +203,7 @@ class SimStats:
             "faults": self.faults,
             "errors": self.errors,
             "tokens": self.tokens,
+            "listings": self.listings,
             "by_body": dict(self.by_body),
         }
 
@@ -369,7 +389,9 @@ _CANNED: Final[dict[str, tuple[int, dict[str, Any], dict[str, str]]]] = {
     ),
 }
 # Kinds that need the transport or the real answer rather than a canned body.
-_TRANSPORT_KINDS: Final = frozenset({"reset", "truncated", "malformed", "slow"})
+_TRANSPORT_KINDS: Final = frozenset(
+    {"reset", "truncated", "malformed", "slow", "html", "bomb", "silent", "zerolimit", "echokey"}
+)
 # Every kind works as a directive and in `SimConfig.faults`.
 _KINDS: Final = frozenset(_CANNED) | _TRANSPORT_KINDS | {"404model"}
 
@@ -1150,7 +1172,9 @@ class Simulator:
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         listing = {"object": "list", "data": [_model_object(*m) for m in _MODELS]}
-        return await self._guarded(request, lambda started: self._ok(listing, started))
+        return await self._guarded(
+            request, lambda started: self._ok(listing, started, counted=False), counted=False
+        )
 
     async def _model(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["model"]
@@ -1159,9 +1183,9 @@ class Simulator:
         async def lookup(started: float) -> web.StreamResponse:
             if found is None:
                 raise _model_not_found(name, tally="errors")
-            return await self._ok(_model_object(*found), started)
+            return await self._ok(_model_object(*found), started, counted=False)
 
-        return await self._guarded(request, lookup)
+        return await self._guarded(request, lookup, counted=False)
 
     async def _unknown(self, request: web.Request) -> web.StreamResponse:
         async def refuse(started: float) -> web.StreamResponse:
@@ -1180,15 +1204,22 @@ class Simulator:
         request: web.Request,
         work: Callable[[float], Awaitable[web.StreamResponse]],
         dialect: _Dialect | None = None,
+        *,
+        counted: bool = True,
     ) -> web.StreamResponse:
         """Count, check the key, run `work`, and turn an `_ApiError` into its answer.
 
         A `dialect` (Anthropic's) checks its own key header and respells the errors and
         headers; the answers are built as OpenAI's first. A truncated fault's head is
         written raw and keeps OpenAI's names: no client reads headers of a cut body.
+        Not `counted`: listing models, which a client may do before its work (a server
+        check); it counts in `listings` alone, so `requests` stays the API calls.
         """
         started = time.perf_counter()
-        self.stats.requests += 1
+        if counted:
+            self.stats.requests += 1
+        else:
+            self.stats.listings += 1
         try:
             if dialect is None:
                 self._authorize(request)
@@ -1196,7 +1227,8 @@ class Simulator:
                 dialect.authorize(request, self.config.api_key)
             response = await work(started)
         except _ApiError as error:
-            self._tally(error.tally)
+            if counted:
+                self._tally(error.tally)
             if dialect is not None:
                 error = dialect.error(error)
             response = self._reply(error.status, orjson.dumps(error.body), started, error.headers)
@@ -1234,8 +1266,10 @@ class Simulator:
             )
         raise _ApiError(401, _error_body(message, "invalid_request_error", "invalid_api_key"))
 
-    async def _ok(self, payload: Mapping[str, Any], started: float) -> web.StreamResponse:
-        self.stats.ok += 1
+    async def _ok(
+        self, payload: Mapping[str, Any], started: float, *, counted: bool = True
+    ) -> web.StreamResponse:
+        self.stats.ok += counted
         return self._reply(200, orjson.dumps(payload), started)
 
     async def _post(
@@ -1299,7 +1333,9 @@ class Simulator:
         started: float,
         answer: Callable[[], dict[str, Any]],
     ) -> web.StreamResponse:
-        """Answer with a transport-level fault: reset, truncated, malformed or slow."""
+        """Answer with a transport-level fault: reset, truncated, malformed or slow; or
+        a misbehaving server's answer: an HTML page, a gzip bomb, silence, rate-limit
+        headers at zero, a key echoed back."""
         transport = request.transport
         if kind == "reset" or transport is None:
             _reset(transport)
@@ -1307,6 +1343,8 @@ class Simulator:
         if kind == "slow":
             await asyncio.sleep(_SLOW_DELAY_S)
             return self._reply(200, orjson.dumps(answer()), started)
+        if kind in _MISBEHAVIOURS:
+            return await _MISBEHAVIOURS[kind](self, request, started, answer)
         body = orjson.dumps(answer())
         if kind == "malformed":
             return self._reply(200, body[: len(body) // 2], started)
@@ -1431,6 +1469,73 @@ def _directive(text: str, count: int) -> str | None:
     if times is not None and count > int(times):
         return None
     return kind
+
+
+async def _html(
+    sim: Simulator, request: web.Request, started: float, answer: Callable[[], dict[str, Any]]
+) -> web.StreamResponse:
+    return web.Response(body=_HTML_PAGE, status=200, content_type="text/html")
+
+
+async def _bomb(
+    sim: Simulator, request: web.Request, started: float, answer: Callable[[], dict[str, Any]]
+) -> web.StreamResponse:
+    headers = sim._headers(started)
+    headers.update({"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    return web.Response(body=_gzip_bomb(), status=200, headers=headers)
+
+
+async def _silent(
+    sim: Simulator, request: web.Request, started: float, answer: Callable[[], dict[str, Any]]
+) -> web.StreamResponse:
+    await asyncio.sleep(_SILENT_S)
+    return web.Response(status=504)
+
+
+async def _zero_limit(
+    sim: Simulator, request: web.Request, started: float, answer: Callable[[], dict[str, Any]]
+) -> web.StreamResponse:
+    zero = {}
+    for name in ("requests", "tokens"):
+        zero[f"x-ratelimit-limit-{name}"] = "100"
+        zero[f"x-ratelimit-remaining-{name}"] = "0"
+        zero[f"x-ratelimit-reset-{name}"] = _ZERO_LIMIT_RESET
+    return sim._reply(200, orjson.dumps(answer()), started, zero)
+
+
+async def _echo_key(
+    sim: Simulator, request: web.Request, started: float, answer: Callable[[], dict[str, Any]]
+) -> web.StreamResponse:
+    """A careless proxy's 401 that repeats the key it was given, whole."""
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    message = f"Incorrect API key provided: {given or request.headers.get('api-key', '')}."
+    body = _error_body(message, "invalid_request_error", "invalid_api_key")
+    return sim._reply(401, orjson.dumps(body), started)
+
+
+_Misbehaviour = Callable[
+    ["Simulator", web.Request, float, Callable[[], dict[str, Any]]],
+    Awaitable[web.StreamResponse],
+]
+_MISBEHAVIOURS: Final[dict[str, _Misbehaviour]] = {
+    "html": _html,
+    "bomb": _bomb,
+    "silent": _silent,
+    "zerolimit": _zero_limit,
+    "echokey": _echo_key,
+}
+
+
+@functools.cache
+def _gzip_bomb() -> bytes:
+    """A JSON-looking gzip body that inflates to _BOMB_BYTES (built once, in chunks)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip header and trailer
+    parts = [packer.compress(b'{"id": "bomb", "choices": [{"message": {"content": "')]
+    chunk = b"a" * 2**20
+    parts.extend(packer.compress(chunk) for _ in range(_BOMB_BYTES // len(chunk)))
+    parts.append(packer.compress(b'"}}]}'))
+    parts.append(packer.flush())
+    return b"".join(parts)
 
 
 def _reset(transport: asyncio.Transport | None) -> None:
