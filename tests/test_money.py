@@ -97,25 +97,22 @@ def test_rows_waiting_on_the_limiter_at_ctrl_c_are_not_in_flight(tmp_path: Path)
     assert read_output(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 40
 
 
-def test_rows_refused_by_an_auth_halt_are_not_in_flight(tmp_path: Path) -> None:
+def test_rows_refused_by_a_quota_halt_are_not_in_flight(tmp_path: Path) -> None:
     job = write_job(tmp_path, texts(20), limits={"concurrency": 4})
     journal = tmp_path / "out.journal.sqlite"
-    with serving(api_key="sk-right-key-0123") as sim:
-        code, output = pipeline_cmd(
-            "run", job, "--base-url", sim.url, env={"OPENAI_API_KEY": "sk-wrong-key-0123"}
-        )
-        refused = sim.sim.stats.requests
+    # The server check before the first row passes; every row's request is refused
+    # with 429 insufficient_quota, which halts the run and is not billed.
+    with serving(faults=("429quota",), fault_rate=1.0) as broke:
+        code, output = pipeline_cmd("run", job, "--base-url", broke.url)
+        refused = broke.sim.stats.faults
 
-        assert code == 4, output
-        assert 1 <= refused <= 4
-        assert sending(journal) == 0, "a 401 is not billed: the row is not in flight"
-
-        code, resumed = pipeline_cmd(
-            "run", job, "--base-url", sim.url, env={"OPENAI_API_KEY": "sk-right-key-0123"}
-        )
-
-        assert code == 0, resumed
-        assert sim.sim.stats.requests - refused == 20
+    assert code == 4, output
+    assert 1 <= refused <= 4
+    assert sending(journal) == 0, "a refused request is not billed: the row is not in flight"
+    with serving() as sim:
+        code, resumed = pipeline_cmd("run", job, "--base-url", sim.url)
+        assert sim.sim.stats.requests == 20
+    assert code == 0, resumed
     assert "in flight" not in resumed
 
 
