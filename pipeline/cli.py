@@ -8,6 +8,7 @@ import functools
 import logging
 import math
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -17,10 +18,18 @@ from typing import Any, TypeVar
 import click
 
 from pipeline import __version__
-from pipeline.errors import JobError, PipelineError
+from pipeline.errors import Interrupted, JobError, PipelineError
 from pipeline.journal import Journal
 from pipeline.output import check_replaceable, recorded_output
-from pipeline.plan import Plan, RunOptions, apply_options, estimate, journal_path, make_plan
+from pipeline.plan import (
+    Plan,
+    RunOptions,
+    apply_options,
+    check_rows,
+    estimate,
+    journal_path,
+    make_plan,
+)
 from pipeline.progress import summary_table
 from pipeline.redact import env_keys, redact_all
 from pipeline.run import execute
@@ -42,7 +51,31 @@ def _errors_to_exit(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group()
+class _OneLineErrors(click.Group):
+    """Click's own errors (a bad option value, an unknown flag) as one line, like ours."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # `pipeline` alone: the help, as click shows it
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            path = exc.ctx.command_path.split()[1:] if exc.ctx is not None else []
+            where = " ".join(["pipeline", *path])
+            message = " ".join(exc.format_message().split())
+            click.echo(f"error: {message} (see `{where} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(Interrupted.exit_code)
+
+
+@click.group(cls=_OneLineErrors)
 @click.version_option(__version__, prog_name="pipeline")
 def main() -> None:
     """Run bulk AI jobs against OpenAI-style APIs: rate-limited, resumable, costed."""
@@ -143,10 +176,18 @@ def run(job: Path, input_: Path | None, **flags: Any) -> None:
 @main.command()
 @_job
 @_plan_options
-@click.option("--rows", "shown", default=3, show_default=True, help="Rows to render.")
+@click.option(
+    "--rows",
+    "shown",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Rows to render.",
+)
 @_errors_to_exit
 def validate(job: Path, input_: Path | None, shown: int, **flags: Any) -> None:
-    """Check JOB, its input and its templates, and render the first rows. Sends nothing."""
+    """Check JOB, its input and its templates, render the first rows, and check that every
+    row renders. Sends nothing, needs no API key; exits 2 if any row would fail."""
     plan = make_plan(load_job(job), RunOptions(input=input_, **flags))
     click.echo(f"job {plan.job.name}: ok")
     click.echo(
@@ -156,8 +197,21 @@ def validate(job: Path, input_: Path | None, shown: int, **flags: Any) -> None:
     click.echo(f"output {plan.output}")
     _show_rows(plan, shown)
     check_replaceable(plan.output, recorded_output(plan.journal_path, plan.output))
-    if plan.key_problem is not None:
-        raise JobError(plan.key_problem)
+    if plan.key_problem is not None:  # `run` refuses without it; checking needs none
+        click.echo(f"note: {plan.key_problem}")
+    checked = check_rows(plan)
+    if not checked.failing:
+        click.echo(f"\nall {checked.rows:,} rows render")
+        return
+    click.echo(f"\n{checked.failing:,} of {checked.rows:,} rows would fail before sending:")
+    for row, reason in checked.first:
+        click.echo(f"  row {row}: {reason}")
+    row, reason = checked.first[0]
+    stopped = f"; {checked.stopped}" if checked.stopped else ""
+    raise JobError(
+        f"{checked.failing:,} of {checked.rows:,} rows would fail before sending "
+        f"(row {row}: {reason}){stopped}"
+    )
 
 
 def _show_rows(plan: Plan, shown: int) -> None:
@@ -218,13 +272,21 @@ def status(job: Path, output: Path | None, journal: Path | None) -> None:
     """What JOB's checkpoint holds: rows done, failed, pending, cost, the last run."""
     spec = apply_options(load_job(job), RunOptions(output=output))
     path = journal_path(spec.output_path, journal)
-    checkpoint = Journal.read(path, job=spec.name)
+    if path.is_dir():
+        raise JobError(f"{path} is a directory: point --journal at a run's .journal.sqlite file")
     try:
-        t, flight = checkpoint.totals(), checkpoint.in_flight()
-        meta = {k: checkpoint.meta(k) for k in ("last_started", "last_finished", "last_exit")}
-        rows, source = int(checkpoint.meta("rows") or 0), checkpoint.meta("input")
-    finally:
-        checkpoint.close()
+        checkpoint = Journal.read(path, job=spec.name)
+        try:
+            t, flight = checkpoint.totals(), checkpoint.in_flight()
+            meta = {k: checkpoint.meta(k) for k in ("last_started", "last_finished", "last_exit")}
+            rows, source = int(checkpoint.meta("rows") or 0), checkpoint.meta("input")
+        finally:
+            checkpoint.close()
+    except (sqlite3.Error, ValueError) as exc:
+        raise JobError(
+            f"{path} is not a checkpoint that pipeline wrote ({exc}): point --journal at the "
+            ".journal.sqlite file a run of this job wrote"
+        ) from None
     of = f", {rows - t.ok - t.failed:,} pending of {rows:,} rows from {source}" if source else ""
     click.echo(f"{spec.name}: {t.ok:,} ok, {t.failed:,} failed{of}; ${t.cost_usd:.6f} spent")
     click.echo(f"checkpoint {path}")
@@ -258,12 +320,23 @@ def _when(timestamp: float) -> str:
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--api-key", envvar="PIPELINE_SIMULATOR_KEY", help="Require this bearer key.")
+@_errors_to_exit
 def simulate(host: str, port: int, faults: str, **config: Any) -> None:
     """Serve an OpenAI-compatible simulator (chat, embeddings, models)."""
     from pipeline.simulator import SimConfig, serve
 
     kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
-    serve(SimConfig(faults=kinds, **config), host=host, port=port)
+    try:
+        settings = SimConfig(faults=kinds, **config)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--faults") from None
+    try:
+        serve(settings, host=host, port=port)
+    except OSError as exc:  # the port is taken, or the host is not this machine's
+        raise JobError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port "
+            "(0 picks a free one) or --host"
+        ) from None
 
 
 def _usd(amount: float) -> str:

@@ -16,17 +16,26 @@ import glob
 import os
 import re
 import sqlite3
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import CheckpointError, OutputError, OutputRefused
+from pipeline.errors import (
+    CheckpointError,
+    InputError,
+    JobError,
+    OutputError,
+    OutputRefused,
+    SpecError,
+)
 from pipeline.journal import Journal
-from pipeline.parse import OutputShape
+from pipeline.parse import RESULT_SCHEMA, OutputShape
 from pipeline.source import ROW_INDEX
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
@@ -66,6 +75,13 @@ def _with_results(
 ) -> pl.DataFrame:
     rows = batch.get_column(ROW_INDEX)
     results = journal.results(int(rows.min() or 0), int(rows.max() or 0))  # type: ignore[arg-type]
+    return _joined(batch, results, shape, prefix)
+
+
+def _joined(
+    batch: pl.DataFrame, results: pl.DataFrame, shape: OutputShape, prefix: str
+) -> pl.DataFrame:
+    """The batch's input columns, then its results' columns as the output has them."""
     joined = batch.join(
         results, left_on=ROW_INDEX, right_on="row", how="left", maintain_order="left"
     ).with_columns(pl.col("status").fill_null("pending"))
@@ -83,13 +99,9 @@ def _with_results(
 
 def _decode_fields(frame: pl.DataFrame, fields: pl.Struct) -> pl.DataFrame:
     """A JSON answer's fields as typed columns, after `response`; null where not ok."""
-    decoded = (
-        pl.when(pl.col("status") == "ok")
-        .then(pl.col("response"))
-        .str.json_decode(fields)
-        .alias("__fields")
-    )
-    return frame.with_columns(decoded).unnest("__fields")
+    # Unnested in place: a temporary column's name could be an input column's.
+    decoded = pl.when(pl.col("status") == "ok").then(pl.col("response")).str.json_decode(fields)
+    return frame.with_columns(decoded.struct.unnest())
 
 
 def _write_parquet(tmp: Path, frames: Iterator[pl.DataFrame], metadata: Mapping[str, str]) -> int:
@@ -130,7 +142,9 @@ def _flat(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    # `default=str`: a value orjson has no form for (a Decimal in a list, say) is written
+    # as its text rather than failing the write of a table whose answers are paid for.
+    return None if value is None else orjson.dumps(value, default=str).decode()
 
 
 def atomic_write(path: Path, write: Callable[[Path], int]) -> int:
@@ -270,6 +284,104 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: What a dry write stands in for each row's answer (its type is the job's: the JSON
+#: schema's fields, a vector, text), so that the decoding runs as it will at the end.
+_SAMPLE_ANSWERS = {"embedding": "[0.0]"}
+#: What a writer raises for a type its format cannot hold.
+_WRITE_ERRORS = (pl.exceptions.PolarsError, pa.ArrowException, ValueError, TypeError)
+
+
+def check_writable(path: Path, batch: pl.DataFrame, *, shape: OutputShape, prefix: str) -> None:
+    """Write `batch`, with a made-up answer per row, through the real writer to a temporary
+    file; raise JobError naming the column if the output could not be written at the end.
+
+    Every batch is cast to the one schema the input check found, and the result columns'
+    types are the job's, so what writes here writes for the whole table.
+    """
+    fmt = output_format(path)
+    if path.is_dir():
+        raise OutputRefused(f"the output {path} is a directory: name a .parquet or .csv file")
+    try:
+        frame = _joined(batch, _sample_results(batch, shape), shape, prefix)
+    except _WRITE_ERRORS as exc:
+        lines = str(exc).strip().splitlines()
+        raise JobError(
+            f"the output {path} cannot be made from this input and job "
+            f"({lines[0][:200] if lines else type(exc).__name__}); rename the input's columns "
+            'or set [output] prefix = "llm_"'
+        ) from None
+    with tempfile.TemporaryDirectory(prefix="pipeline-check-") as folder:
+        problem = _write_problem(Path(folder) / f"all{path.suffix}", fmt, frame)
+        if problem is None:
+            return
+        for index, name in enumerate(frame.columns):  # which column is it?
+            tmp = Path(folder) / f"column{index}{path.suffix}"
+            reason = _write_problem(tmp, fmt, frame.select(name))
+            if reason is not None:
+                raise _column_error(path, fmt, name, frame.schema[name], shape, prefix, reason)
+    raise JobError(
+        f"{path}: the output cannot be written as {fmt} ({problem}); choose the other format "
+        "with --output (.parquet or .csv)"
+    )
+
+
+def _sample_results(batch: pl.DataFrame, shape: OutputShape) -> pl.DataFrame:
+    """A result per row shaped like the journal's: status ok, an answer, the rest null."""
+    answer = "{}" if shape.fields is not None else _SAMPLE_ANSWERS.get(shape.answer, "x")
+    values = {"status": "ok", "response": answer}
+    height = batch.height
+    columns = [batch.get_column(ROW_INDEX).cast(pl.Int64).alias("row")]
+    columns.extend(
+        pl.Series(name, [values.get(name)] * height, dtype=dtype)
+        for name, dtype in {**RESULT_SCHEMA, "tool_calls": pl.String()}.items()
+    )
+    return pl.DataFrame(columns)
+
+
+def _write_problem(tmp: Path, fmt: str, frame: pl.DataFrame) -> str | None:
+    writer = _write_parquet if fmt == "parquet" else _write_csv
+    try:
+        writer(tmp, iter([frame]), {})
+    except _WRITE_ERRORS as exc:
+        lines = str(exc).strip().splitlines()
+        return lines[0][:200] if lines else type(exc).__name__
+    return None
+
+
+def _column_error(
+    path: Path,
+    fmt: str,
+    name: str,
+    dtype: pl.DataType,
+    shape: OutputShape,
+    prefix: str,
+    reason: str,
+) -> JobError:
+    fields = {prefix + f.name for f in shape.fields.fields} if shape.fields is not None else set()
+    other = "x.csv" if fmt == "parquet" else "x.parquet"
+    if fmt == "csv":
+        fix = f"CSV cannot hold {dtype} values: write Parquet instead (--output {other})"
+    elif dtype in (pl.Int128, pl.UInt128):
+        fix = (
+            "its integers do not fit in 64 bits, which Parquet cannot store: write them as "
+            f'text in the input (NDJSON: "123..."), or write CSV (--output {other})'
+        )
+    elif "no child field" in reason:
+        fix = "it holds objects with no fields ({}), which Parquet cannot store: " + (
+            "give that object `properties` in the JSON schema, or make it a string"
+            if name in fields
+            else f"drop the column from the input, or write CSV (--output {other})"
+        )
+    else:
+        fix = f"write CSV instead (--output {other}), or change the column's type ({reason})"
+    if name in fields:
+        return SpecError(
+            f"the JSON schema's property `{name.removeprefix(prefix)}` ({dtype}) cannot be "
+            f"written to {path}: {fix}"
+        )
+    return InputError(f"input column `{name}` ({dtype}) cannot be written to {path}: {fix}")
 
 
 def result_columns(shape: OutputShape, prefix: str) -> list[str]:

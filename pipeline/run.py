@@ -290,6 +290,8 @@ class Runner:
         works: list[Work] = []
         ready: list[Entry] = []
         for row in batch.iter_rows(named=True):
+            if self.dispatcher is not None and self.dispatcher.stopped:
+                break  # Ctrl-C: a render may take MAX_RENDER_S; do not start the next
             index = row[ROW_INDEX]
             if index in done:
                 continue

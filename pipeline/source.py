@@ -21,7 +21,6 @@ from __future__ import annotations
 import codecs
 import csv
 import difflib
-import logging
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -40,7 +39,6 @@ from pipeline.errors import InputError
 if TYPE_CHECKING:
     from _csv import Reader as CsvReader
 
-log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 ROW_INDEX = "__row"
@@ -55,9 +53,10 @@ EXTENSIONS: dict[str, Format] = {
     ".jsonl": "ndjson",
 }
 
-#: Rows polars reads to guess CSV column types. The guess is then checked against every
-#: row of the file in the validation pass, so a larger sample only buys fewer fallbacks.
-CSV_INFER_ROWS = 10_000
+#: CSV's field separator unless [input] separator says otherwise.
+CSV_SEPARATOR = ","
+#: Separators a one-column CSV header is searched for, to say the file is not comma-separated.
+OTHER_SEPARATORS = (";", "\t", "|")
 #: How many column names a message lists before it shortens the list.
 NAMES_SHOWN = 8
 #: How much of a bad row or line a message quotes.
@@ -65,7 +64,8 @@ PREVIEW_CHARS = 60
 #: Block size of the byte-level UTF-8 scan; its memory stays near this.
 SCAN_BLOCK = 1 << 20
 _BOM = codecs.BOM_UTF8
-_BOOLEANS = {"true": True, "false": False}
+#: Bytes a file's first block is read for, to tell a foreign file from the text it claims.
+SNIFF_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,10 @@ class Source:
     columns: tuple[str, ...]
     schema: dict[str, pl.DataType] = field(hash=False)
     key: str | None
-    #: The row count the validation pass found; None for a Source built by hand.
+    #: The rows the validation pass found; None for a Source built by hand.
     _rows: int | None = field(default=None, repr=False, compare=False)
+    #: CSV's field separator.
+    separator: str = CSV_SEPARATOR
 
     def batches(self, size: int = 10_000, *, start: int = 0) -> Iterator[pl.DataFrame]:
         """Yield the rows from position `start` on, in order, at most `size` at a time.
@@ -136,9 +138,7 @@ class Source:
 
     def _lazy(self) -> pl.LazyFrame:
         if self.format == "csv":
-            return _scan_csv_text(self.path).select(
-                _typed(name, dtype) for name, dtype in self.schema.items()
-            )
+            return _scan_csv_text(self.path, self.separator)
         if self.format == "parquet":
             return _scan_parquet(self.path)
         return _scan_ndjson(self.path, schema=self.schema)
@@ -150,11 +150,18 @@ class Source:
         )
 
 
-def open_source(path: Path, *, format: str | None = None, key: str | None = None) -> Source:
+def open_source(
+    path: Path,
+    *,
+    format: str | None = None,
+    key: str | None = None,
+    separator: str = CSV_SEPARATOR,
+) -> Source:
     """Check the input table once, whole, and return a `Source` to read it in batches.
 
     `format` is "csv", "parquet" or "ndjson"; None reads it from the extension. `key`
-    names the column that identifies a row; None keys rows by their position.
+    names the column that identifies a row; None keys rows by their position. A CSV's
+    columns are all text, exactly as written (`007` stays `007`): CSV carries no types.
     Raises `InputError` with one line naming the file, row and column, and the fix.
 
     >>> open_source(Path("data/reviews.csv"), key="id").count()
@@ -163,8 +170,14 @@ def open_source(path: Path, *, format: str | None = None, key: str | None = None
     path = Path(path)
     _check_file(path)
     fmt = _format_of(path, format)
-    schema, rows = _READERS[fmt](path)
-    source = Source(path, fmt, tuple(schema), schema, key, rows)
+    if fmt != "csv" and separator != CSV_SEPARATOR:
+        raise _input_error(path, f"is {fmt}, and [input] separator is for CSV only; remove it")
+    _check_content(path, fmt)
+    if fmt == "csv":
+        schema, rows = _read_csv(path, separator)
+    else:
+        schema, rows = _READERS[fmt](path)
+    source = Source(path, fmt, tuple(schema), schema, key, rows, separator)
     _check_key(source)
     return source
 
@@ -218,82 +231,114 @@ def _format_of(path: Path, format: str | None) -> Format:
     )
 
 
+#: Leading bytes of files people name .csv or .ndjson by mistake, and what to do instead.
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "is gzip-compressed, not text: decompress it first (`gunzip -k {path}`)"),
+    (
+        b"PK\x03\x04",
+        "is a ZIP archive (an Excel .xlsx workbook is one), not text: export the sheet as "
+        '"CSV UTF-8", or unzip it',
+    ),
+    (
+        b"\xd0\xcf\x11\xe0",
+        "is an Excel .xls workbook (or another OLE file), not text: export the sheet as "
+        '"CSV UTF-8"',
+    ),
+    (b"PAR1", 'is a Parquet file: name it .parquet, or set [input] format = "parquet"'),
+    (b"SQLite format 3\x00", "is an SQLite database, not a table file: export a table first"),
+    (b"%PDF", "is a PDF document, not a table file"),
+    (
+        codecs.BOM_UTF32_LE,
+        "is UTF-32 text; re-encode it as UTF-8: `iconv -f utf-32 -t utf-8 {path} > {fixed}`",
+    ),
+    (
+        codecs.BOM_UTF32_BE,
+        "is UTF-32 text; re-encode it as UTF-8: `iconv -f utf-32 -t utf-8 {path} > {fixed}`",
+    ),
+    (
+        codecs.BOM_UTF16_LE,
+        "is UTF-16 text; re-encode it as UTF-8: `iconv -f utf-16 -t utf-8 {path} > {fixed}`",
+    ),
+    (
+        codecs.BOM_UTF16_BE,
+        "is UTF-16 text; re-encode it as UTF-8: `iconv -f utf-16 -t utf-8 {path} > {fixed}`",
+    ),
+)
+
+
+def _check_content(path: Path, fmt: Format) -> None:
+    """A text format whose first bytes say it is something else: name what it is."""
+    if fmt == "parquet":
+        return
+    with path.open("rb") as file:
+        head = file.read(SNIFF_BYTES)
+    fixed = path.with_stem(path.stem + "-utf8")
+    for magic, problem in _MAGIC:
+        if head.startswith(magic):
+            raise _input_error(path, problem.format(path=path, fixed=fixed))
+    # UTF-16 text of ASCII characters has a NUL beside every character; a BOM is optional.
+    # (A NUL here and there is data: CSV allows it.)
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if len(head) >= 4 and min(even, odd) == 0 and max(even, odd) >= 0.9 * (len(head) // 2):
+        encoding = "utf-16le" if odd else "utf-16be"
+        raise _input_error(
+            path,
+            f"looks like {encoding.upper()} text without a byte-order mark (a NUL byte beside "
+            f"every character); re-encode it as UTF-8: `iconv -f {encoding} -t utf-8 {path} "
+            f"> {fixed}`",
+        )
+
+
 # --- CSV ---------------------------------------------------------------------------------
 
 
-def _scan_csv_text(path: Path) -> pl.LazyFrame:
-    # Every column is read as text and cast by `_typed`, with the types the validation pass
-    # proved for the whole file. Letting polars parse types itself would make a value that
-    # breaks the guess at row 5,000,000 crash the run there; re-scanning after each such
-    # failure costs a pass per bad column and a match on polars' message to find the column.
-    return pl.scan_csv(path, infer_schema=False, glob=False)
+def _scan_csv_text(path: Path, separator: str = CSV_SEPARATOR) -> pl.LazyFrame:
+    # Every column is read as text, exactly as written. CSV carries no types: a guess
+    # turns a zip code `01234` into 1234, an id `007` into 7, a 20-digit id into an
+    # integer Parquet cannot store, and a value that breaks the guess at row 5,000,000
+    # would crash the run there. A template that needs a number says so: {{ n | int }}.
+    return pl.scan_csv(path, infer_schema=False, glob=False, separator=separator)
 
 
-def _typed(name: str, dtype: pl.DataType, *, strict: bool = True) -> pl.Expr:
-    if dtype == pl.String:
-        return pl.col(name)
-    if dtype == pl.Boolean:  # polars casts no text to Boolean; it guesses true/false, any case
-        flags = _present(name).str.to_lowercase()
-        return flags.replace_strict(_BOOLEANS, default=None, return_dtype=pl.Boolean).alias(name)
-    return _present(name).cast(dtype, strict=strict).alias(name)
-
-
-def _present(name: str) -> pl.Expr:
-    # A quoted "" (polars keeps it as text) is a missing number, not a bad one.
-    return pl.when(pl.col(name) != "").then(pl.col(name))
-
-
-def _read_csv(path: Path) -> _Checked:
-    header = _csv_header(path)
+def _read_csv(path: Path, separator: str = CSV_SEPARATOR) -> _Checked:
+    header = _csv_header(path, separator)
     _check_names(path, header)
-    guess = _polars(path, "csv", lambda: _scan_guess(path))
-    stats = _polars(path, "csv", lambda: _csv_stats(path, guess))
+
+    def diagnose(path: Path) -> str | None:
+        return _csv_problem(path, separator=separator)
+
+    names = _polars(path, "csv", lambda: _scan_csv_text(path, separator).collect_schema(), diagnose)
+    guess: dict[str, pl.DataType] = {name: pl.String() for name in names}
+    stats = _polars(path, "csv", lambda: _csv_stats(path, guess, separator), diagnose)
     if stats[ROW_INDEX] == 0:
         raise _input_error(path, f"has no rows, only a header ({_names(header)})")
     # polars pads a row with too few fields with nulls, silently. Such a row leaves the last
     # column null, so only a file with nulls there needs the careful pass to tell them apart.
     if stats["__maybe_short"]:
-        problem = _csv_problem(path, utf8_checked=True)  # the polars pass read every field
+        # the polars pass read every field
+        problem = _csv_problem(path, utf8_checked=True, separator=separator)
         if problem is not None:
             raise _input_error(path, problem)
-    schema = {
-        name: _settle(name, dtype, stats[f"__bad{i}"])
-        for i, (name, dtype) in enumerate(guess.items())
-    }
-    return _Checked(schema, stats[ROW_INDEX])
+    return _Checked(guess, stats[ROW_INDEX])
 
 
-def _scan_guess(path: Path) -> dict[str, pl.DataType]:
-    scan = pl.scan_csv(path, infer_schema_length=CSV_INFER_ROWS, glob=False)
-    return dict(scan.collect_schema())
-
-
-def _csv_stats(path: Path, guess: dict[str, pl.DataType]) -> dict[str, int]:
-    """One streaming pass: row count, rows that may be short, values that break the guess."""
-    last = next(reversed(guess))
+def _csv_stats(
+    path: Path, schema: dict[str, pl.DataType], separator: str = CSV_SEPARATOR
+) -> dict[str, int]:
+    """One streaming pass: the row count, and the rows that may be short."""
+    last = next(reversed(schema))
     checks = [
         pl.len().alias(ROW_INDEX),
         pl.col(last).is_null().sum().alias("__maybe_short"),
-        # Every column is touched, so polars checks every field's UTF-8, not just the typed.
-        *(
-            (_present(name).is_not_null() & _typed(name, dtype, strict=False).is_null())
-            .sum()
-            .alias(f"__bad{i}")
-            for i, (name, dtype) in enumerate(guess.items())
-        ),
+        # Every column is touched, so polars checks every field's UTF-8.
+        *(pl.col(name).str.len_bytes().sum().alias(f"__bytes{i}") for i, name in enumerate(schema)),
     ]
-    return _scan_csv_text(path).select(checks).collect(engine="streaming").row(0, named=True)
+    scan = _scan_csv_text(path, separator)
+    return scan.select(checks).collect(engine="streaming").row(0, named=True)
 
 
-def _settle(name: str, dtype: pl.DataType, bad: int) -> pl.DataType:
-    if not bad:
-        return dtype
-    log.info("column %s: %d values are not %s; reading the column as text", name, bad, dtype)
-    return pl.String()
-
-
-def _csv_header(path: Path) -> list[str]:
-    with _csv_reader(path) as (reader, _):
+def _csv_header(path: Path, separator: str = CSV_SEPARATOR) -> list[str]:
+    with _csv_reader(path, separator) as (reader, _):
         try:
             header = next(reader, None)
         except csv.Error as err:
@@ -308,11 +353,13 @@ def _csv_header(path: Path) -> list[str]:
     return header
 
 
-def _csv_problem(path: Path, *, utf8_checked: bool = False) -> str | None:
+def _csv_problem(
+    path: Path, *, utf8_checked: bool = False, separator: str = CSV_SEPARATOR
+) -> str | None:
     """The first row polars would reject or misread, by a careful pass over the whole file."""
     bad_byte = None if utf8_checked else _first_bad_utf8(path)
     bad_line = bad_byte.line if bad_byte else sys.maxsize
-    with _csv_reader(path) as (reader, lines):
+    with _csv_reader(path, separator) as (reader, lines):
         width = len(header := next(reader))
         row, end, quotes = 0, reader.line_num, lines.quotes
         try:
@@ -378,7 +425,7 @@ class _Lines:
 
 
 @contextmanager
-def _csv_reader(path: Path) -> Iterator[tuple[CsvReader, _Lines]]:
+def _csv_reader(path: Path, separator: str = CSV_SEPARATOR) -> Iterator[tuple[CsvReader, _Lines]]:
     limit = csv.field_size_limit()
     csv.field_size_limit(sys.maxsize)  # a long document in one field is normal input here
     try:
@@ -386,7 +433,7 @@ def _csv_reader(path: Path) -> Iterator[tuple[CsvReader, _Lines]]:
         # byte-order mark from the first column's name, as polars does.
         with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="\n") as file:
             lines = _Lines(file)
-            yield csv.reader(lines, strict=True), lines
+            yield csv.reader(lines, strict=True, delimiter=separator), lines
     finally:
         csv.field_size_limit(limit)
 
@@ -518,13 +565,18 @@ _UNREADABLE: dict[Format, str] = {
 }
 
 
-def _polars(path: Path, fmt: Format, read: Callable[[], _T]) -> _T:
+def _polars(
+    path: Path,
+    fmt: Format,
+    read: Callable[[], _T],
+    diagnose: Callable[[Path], str | None] | None = None,
+) -> _T:
     """Run a polars read; if it fails, find out where with the careful pass."""
     try:
         return read()
     except pl.exceptions.PolarsError as err:
         found = _first_line(err).removeprefix("parquet: ")
-        problem = _DIAGNOSES[fmt](path) or _UNREADABLE[fmt].format(found)
+        problem = (diagnose or _DIAGNOSES[fmt])(path) or _UNREADABLE[fmt].format(found)
         raise _input_error(path, problem) from err
 
 

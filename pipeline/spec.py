@@ -79,6 +79,17 @@ class InputSpec(_Strict):
     format: Literal["csv", "parquet", "ndjson"] | None = None
     #: A column whose values identify rows; without it the row's position is its key.
     key: str | None = None
+    #: CSV's field separator: one ASCII character, e.g. ";" or "\t" (tab).
+    separator: str = ","
+
+    @field_validator("separator")
+    @classmethod
+    def _one_ascii_character(cls, value: str) -> str:
+        if len(value) != 1 or not value.isascii() or value in '"\r\n\x00':
+            raise ValueError(
+                'give one ASCII character other than a quote or a line break, e.g. ";" or "\\t"'
+            )
+        return value
 
 
 class OutputSpec(_Strict):
@@ -346,11 +357,20 @@ def _read_schema_file(path: Path) -> dict[str, Any]:
         schema = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SpecError(f"cannot read the JSON schema file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(_not_utf8(path, exc)) from None
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
     if not isinstance(schema, dict):
         raise SpecError(f"{path}: a JSON schema must be an object")
     return schema
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> str:
+    return (
+        f"{path}: byte 0x{exc.object[exc.start]:02X} at offset {exc.start} is not UTF-8; "
+        "save the file as UTF-8"
+    )
 
 
 def load_job(path: Path) -> Job:
@@ -361,6 +381,8 @@ def load_job(path: Path) -> Job:
         raise SpecError(f"job file not found: {path}") from None
     except OSError as exc:
         raise SpecError(f"cannot read job file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(_not_utf8(path, exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
     root = path.resolve().parent

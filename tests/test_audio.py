@@ -287,7 +287,9 @@ def test_validate_shows_the_file_and_a_row_that_would_fail(tmp_path: Path, sim: 
 
     result = invoke("validate", job, "--base-url", sim.url)
 
-    assert result.exit_code == 0, result.output
+    # A row that would fail makes validate exit 2 (issue 10), after showing it.
+    assert result.exit_code == 2, result.output
+    assert "1 of 2 rows would fail before sending" in result.stderr
     assert "[file] a.wav" in result.output
     assert f"(this row would fail: cannot read the audio file {tmp_path / 'gone.wav'}" in (
         result.output

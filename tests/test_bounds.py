@@ -29,7 +29,7 @@ from pipeline.transport import MAX_BODY_BYTES
 WAIT_S = 30.0
 
 
-def rows(n: int, special: str = "", at: int = 1) -> list[dict[str, object]]:
+def rows(n: int, special: str = "special", at: int = 1) -> list[dict[str, object]]:
     return [{"id": i, "text": special if i == at else f"row {i}"} for i in range(n)]
 
 

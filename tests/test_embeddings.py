@@ -74,8 +74,8 @@ def test_identical_texts_are_embedded_once(tmp_path: Path, sim: Server) -> None:
     frame = read_output(tmp_path / "out.parquet")
     assert frame["status"].to_list() == ["ok"] * 40
     assert frame.filter(pl.col("attempts") > 0).height == 5
-    first = frame.filter(pl.col("id") == 0)["embedding"].item().to_list()
-    assert frame.filter(pl.col("id") == 5)["embedding"].item().to_list() == first
+    first = frame.filter(pl.col("id") == "0")["embedding"].item().to_list()
+    assert frame.filter(pl.col("id") == "5")["embedding"].item().to_list() == first
 
 
 def test_a_batch_that_fails_once_is_retried_whole(tmp_path: Path, sim: Server) -> None:

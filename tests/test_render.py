@@ -61,9 +61,10 @@ def test_sandbox_blocks_reaching_python_internals() -> None:
 
 @given(st.text())
 def test_row_values_are_data_never_template_code(value: str) -> None:
-    out = renderer(user="{{ text }}").messages({"id": 0, "text": value})
+    # Framed: a prompt that renders blank is a row failure, not a message.
+    out = renderer(user="<{{ text }}>").messages({"id": 0, "text": value})
 
-    assert out[0]["content"] == value
+    assert out[0]["content"] == f"<{value}>"
 
 
 def test_token_estimate_rounds_up_and_counts_non_ascii_bytes() -> None:
