@@ -71,9 +71,10 @@ class CountedJournal(Journal):
         *,
         sending: Sequence[tuple[int, int, int]] = (),
         results: Sequence[RowResult] = (),
+        unsent: Sequence[int] = (),
     ) -> None:
         self.commits += 1
-        super().write(sending=sending, results=results)
+        super().write(sending=sending, results=results, unsent=unsent)
 
 
 class UnwrittenJournal(Journal):
@@ -84,6 +85,7 @@ class UnwrittenJournal(Journal):
         *,
         sending: Sequence[tuple[int, int, int]] = (),
         results: Sequence[RowResult] = (),
+        unsent: Sequence[int] = (),
     ) -> None:
         return None
 

@@ -275,7 +275,7 @@ def status(job: Path, output: Path | None, journal: Path | None) -> None:
     if path.is_dir():
         raise JobError(f"{path} is a directory: point --journal at a run's .journal.sqlite file")
     try:
-        checkpoint = Journal.read(path)
+        checkpoint = Journal.read(path, job=spec.name)
         try:
             t, flight = checkpoint.totals(), checkpoint.in_flight()
             meta = {k: checkpoint.meta(k) for k in ("last_started", "last_finished", "last_exit")}

@@ -106,9 +106,10 @@ def _lookup(model: str) -> Any:
         except LookupError:
             continue
     raise SpecError(
-        f"no price known for model `{model}` (genai-prices {genai_prices.__version__}). "
-        "Add a [price] table to the job, e.g. input_per_mtok = 0.0 and output_per_mtok = 0.0 "
-        "for a self-hosted model"
+        f"no price known for model `{model}` (genai-prices {genai_prices.__version__}): "
+        "give one with --price IN,OUT (USD per million input and output tokens; --price 0,0 "
+        "for a self-hosted model), or a [price] table in the job (input_per_mtok, "
+        "output_per_mtok)"
     )
 
 

@@ -152,6 +152,7 @@ class Dispatcher:
         *,
         tools: ToolLoop | None = None,
         before_send: Callable[[Work], Awaitable[None]] | None = None,
+        not_sent: Callable[[Work], Awaitable[None]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -162,8 +163,14 @@ class Dispatcher:
         self._policy = policy
         self._check = check
         self._tools = tools
-        #: Awaited before a row's first attempt: the journal records it as sent.
+        #: Awaited before a row's first attempt, once the limiter lets it go: the
+        #: journal records it as sent.
         self._before_send = before_send
+        #: Awaited for a recorded row that the run stopped (a halt, Ctrl-C) before any
+        #: attempt could have been billed: the journal forgets that it was sent.
+        self._not_sent = not_sent
+        #: Requests sent and not answered yet: what a drain that times out abandons.
+        self.in_flight = 0
         self._sleep = sleep
         self._rng = random.Random(seed)
         self._same_error: tuple[str, int] = ("", 0)
@@ -194,8 +201,7 @@ class Dispatcher:
     async def send(self, work: Work) -> Outcome | None:
         """All attempts for one request. None when the run stopped before it was done."""
         sends = tries = rounds = 0  # tries: the sends that count against max_attempts
-        if self._before_send is not None:
-            await self._before_send(work)
+        recorded = billed = False  # billed: an attempt may have reached the model
         spent = Usage()  # by earlier rounds of a tool loop
         made: list[dict[str, Any]] = []  # the calls those rounds ran, with their results
         while True:
@@ -203,10 +209,17 @@ class Dispatcher:
             output = work.tokens - estimated
             charged = await self._limiter.acquire(work.tokens, estimated, output)
             if self.stopped:
+                await self._forget(work, recorded and not billed)
                 return None
+            if not recorded and self._before_send is not None:
+                # Recorded once the limiter lets it go, not before: a row still waiting
+                # for its turn at a halt or Ctrl-C never left, and is not "in flight".
+                await self._before_send(work)
+                recorded = True
             sends += 1
             outcome = await self._attempt(work, sends)
             failure = outcome.failure
+            billed = billed or failure is None or failure.maybe_billed
             if failure is None:
                 self._same_error = ("", 0)
                 self.faults.succeeded()
@@ -238,8 +251,10 @@ class Dispatcher:
                 continue
             if isinstance(failure, Fatal):
                 self.stop(Halted(failure.message))
+                await self._forget(work, recorded and not billed)
                 return None
             if self.stopped and failure.should_retry:
+                await self._forget(work, recorded and not billed)
                 return None  # it would have been tried again: it stays pending
             if isinstance(failure, RateLimited) and sends - tries <= MAX_RATE_LIMITED:
                 # The server said when to come back and billed nothing: every worker
@@ -251,6 +266,7 @@ class Dispatcher:
                 )
                 if halt is not None:
                     self.stop(halt)
+                    await self._forget(work, recorded and not billed)
                     return None
                 self._limiter.pause(wait)
             else:
@@ -262,6 +278,7 @@ class Dispatcher:
                     halt = self.faults.outage(failure, gave_up=last, early=failure.outage)
                     if halt is not None:
                         self.stop(halt)
+                        await self._forget(work, recorded and not billed)
                         return None  # the server is down, not the row: it stays pending
                 if last:
                     self._watch_repeats(failure)
@@ -270,10 +287,16 @@ class Dispatcher:
             self.stats.retries += 1
             self.stats.maybe_billed_retries += failure.maybe_billed
 
+    async def _forget(self, work: Work, unbilled: bool) -> None:
+        """A row recorded as sent that the run stops: unbilled, it is not in flight."""
+        if unbilled and self._not_sent is not None:
+            await self._not_sent(work)
+
     async def _attempt(self, work: Work, attempt: int) -> Outcome:
         started = time.perf_counter()
         self.stats.sent += 1
         response: HttpResponse | None = None
+        self.in_flight += 1
         try:
             response = await self._transport.send(work.request)
             self._limiter.observe(response.headers, work.tokens)
@@ -281,6 +304,8 @@ class Dispatcher:
             answers = self._read(response, work) if failure is None else None
         except RequestFailure as exc:
             failure, answers = exc, None
+        finally:
+            self.in_flight -= 1
         latency = (time.perf_counter() - started) * 1000.0
         status = response.status if response is not None else None
         return Outcome(work, answers, failure, attempt, status, latency)

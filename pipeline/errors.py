@@ -8,7 +8,10 @@ Failures of the run are exceptions; they stop the job and map to an exit code:
     │   ├── InputError                the input table
     │   ├── TemplateError             the templates
     │   ├── Untrusted                 a host or path only the job file names, unconfirmed
-    │   └── OutputRefused             the output or checkpoint cannot be written there
+    │   ├── OutputRefused             the output or checkpoint cannot be written there
+    │   ├── CheckpointError           a checkpoint that cannot be trusted (garbage,
+    │   │                             truncated, its -wal lost, another job's or version's)
+    │   └── BudgetTooSmall            --max-cost below what the prompts alone cost
     ├── BudgetReached             3   --max-cost reached
     ├── Halted                    4   the API says stop: auth, quota, unknown model, URL
     ├── OutputError               1   writing the output or checkpoint failed after sending
@@ -65,6 +68,15 @@ class InputError(JobError):
 
 class TemplateError(JobError):
     pass
+
+
+class CheckpointError(JobError):
+    """The checkpoint file is not one this run can trust: resuming from it could lose
+    paid answers or send them again, and starting over silently would bill every row."""
+
+
+class BudgetTooSmall(JobError):
+    """--max-cost is below the cost of the prompts alone: refused before sending."""
 
 
 class Untrusted(JobError):

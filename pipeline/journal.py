@@ -13,6 +13,11 @@ becomes its result in one upsert, so after a crash the rows that may have been s
 WAL mode with synchronous=NORMAL: a commit survives the process being killed at any
 instant; only power loss can take the last transactions, and it never corrupts the
 file. One writer (an OS lock that dies with its process), many readers.
+
+A checkpoint is trusted only when it is sound: a file that is empty, not SQLite,
+truncated, another program's database, another job's or a newer format's checkpoint,
+or one whose `-wal` was lost after a crash is refused with a CheckpointError (exit 2),
+never read as if it were empty (which would send, and bill, every row again).
 """
 
 from __future__ import annotations
@@ -21,16 +26,18 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
-from typing import IO
+from typing import IO, Concatenate, ParamSpec, TypeVar
 
 import orjson
 import polars as pl
 
-from pipeline.errors import JobError, OutputError, OutputRefused
+from pipeline import __version__
+from pipeline.errors import CheckpointError, JobError, OutputError, OutputRefused
 from pipeline.parse import RESULT_SCHEMA, RowResult
 
 #: Stored beside RESULT_SCHEMA's columns, written to the output only for some jobs.
@@ -51,6 +58,27 @@ def _sql_type(dtype: pl.DataType) -> str:
 
 #: The status of a row recorded as sent whose answer is not in yet.
 SENDING = "sending"
+
+#: meta `format`: marks a SQLite file as a pipeline checkpoint.
+FORMAT = "pipeline-journal"
+#: meta `format_version`: raised when a change would make an older pipeline misread a
+#: checkpoint. A checkpoint without one is from before it existed: read as version 1.
+FORMAT_VERSION = 1
+#: meta `commits`: the journal's write transactions so far, counted in each of them.
+#: After each commit the count is also written to a side file, `<journal>.commits`: a
+#: checkpoint that holds fewer commits than its side file says lost some (its `-wal`,
+#: which holds every commit since the last checkpoint, went missing, or an older copy
+#: came back), and resuming from it would send and bill their rows again. A flag for
+#: "open" with a check for a missing `-wal` would not do: any SQLite tool that opens
+#: the checkpoint after a crash folds the `-wal` in and deletes it, losing nothing.
+_COMMITS = "commits"
+_COUNT = f"INSERT OR REPLACE INTO meta VALUES ('{_COMMITS}', ?)"
+#: What every SQLite file starts with.
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+#: The size of SQLite's file header.
+_HEADER_BYTES = 100
+#: The size of a -wal's header: a -wal no larger holds no commits.
+_WAL_HEADER_BYTES = 32
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,6 +106,8 @@ _UPSERT = (
     f"INSERT INTO results ({', '.join(_STORED)}) VALUES ({', '.join('?' for _ in _STORED)}) "
     "ON CONFLICT (row) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _STORED[1:])
 )
+# A row recorded as sending whose request never left (the run stopped first).
+_UNSEND = f"DELETE FROM results WHERE row = ? AND status = '{SENDING}'"
 _DONE = f"status != '{SENDING}'"
 #: A RowResult as the tuple _UPSERT takes (dataclasses.astuple deep-copies: slow).
 _stored = attrgetter(*_STORED)
@@ -92,6 +122,8 @@ class Totals:
     completion_tokens: int
     #: Rows whose answer stopped at max_tokens.
     cut_off: int = 0
+    #: Rows answered without `usage`: their cost is unknown (cost_usd null).
+    without_usage: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,6 +133,29 @@ class InFlight:
     rows: int
     #: Their estimated tokens (prompt + max output): the most they may have cost.
     tokens: int
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _reading(
+    method: Callable[Concatenate[Journal, _P], _R],
+) -> Callable[Concatenate[Journal, _P], _R]:
+    """A read during the run that meets a damaged page (a file damaged in a way its
+    header does not show) stops the run with a line, not a traceback."""
+
+    def read(self: Journal, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise OutputError(
+                f"cannot read the checkpoint {self.path} ({exc}); what was committed before "
+                "is kept there: restore the file from a copy, or move it away to start over"
+            ) from None
+
+    read.__name__, read.__doc__ = method.__name__, method.__doc__
+    return read
 
 
 class Journal:
@@ -115,47 +170,160 @@ class Journal:
         # The writer never checkpoints on its own (that would fsync in the event loop);
         # the run calls checkpoint() from a thread instead.
         connection.execute("PRAGMA wal_autocheckpoint=0")
+        #: Write transactions so far (meta `commits`), and the side file told of them.
+        self._commits = 0
+        self._tally: int | None = None
+
+    #: With --fresh: a line saying where the discarded checkpoint was kept, if it was.
+    set_aside: str | None = None
 
     @classmethod
-    def open(cls, path: Path, fingerprint: dict[str, str], *, fresh: bool) -> Journal:
-        """Open (or start) the journal for a run: take the lock, check the fingerprint."""
+    def open(
+        cls, path: Path, fingerprint: dict[str, str], *, fresh: bool, job: str | None = None
+    ) -> Journal:
+        """Open (or start) the journal for a run: take the lock, check that the file is
+        a sound checkpoint of this job, check the fingerprint. `job`: the job's name."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputRefused(f"cannot create {path.parent}: {exc.strerror}") from None
         lock = _lock(path)
+        db: sqlite3.Connection | None = None
+        journal: Journal | None = None
         try:
-            if fresh:
-                for suffix in ("", "-wal", "-shm"):
-                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+            set_aside = _set_aside(path) if fresh else None
+            if not path.exists():  # deleted to start over: its count goes with it
+                _tally_path(path).unlink(missing_ok=True)
+            _check_file(path)
+            wal = _wal_found(path)
             db = _connect(path)
+            journal = cls(path, db, lock)
+            # Every check reads only: a file that is refused is left as it was found
+            # (a -wal put back later must still match it).
+            tables = _check_tables(path, db)
+            if tables:
+                journal._check_identity(job)
+            journal._check_commits(wal, tables)
             db.executescript(_SCHEMA)
             _add_missing_columns(db)
-            journal = cls(path, db, lock)
             journal._check_fingerprint(fingerprint)
-        except BaseException:
+            journal.set_aside = set_aside
+            journal._claim(job)
+            journal._open_tally()
+        except BaseException as exc:
+            _close_refused(journal, db)
             lock.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise _unreadable(path, exc) from None
             raise
         return journal
 
     @classmethod
-    def read(cls, path: Path) -> Journal:
-        """Open an existing journal to read it, even while a run writes to it."""
+    def read(cls, path: Path, job: str | None = None) -> Journal:
+        """Open an existing journal to read it, even while a run writes to it; `job`:
+        the name of the job it must belong to."""
         if not path.exists():
             raise JobError(f"no checkpoint at {path}: the job has not run yet")
-        return cls(path, _connect(path), lock=None)
+        _check_file(path)
+        wal = _wal_found(path)
+        db: sqlite3.Connection | None = None
+        journal: Journal | None = None
+        try:
+            db = _connect(path)
+            tables = _check_tables(path, db)
+            journal = cls(path, db, lock=None)
+            journal._check_commits(wal, tables)
+            if not tables:
+                raise CheckpointError(f"{path} holds no checkpoint yet (no tables)")
+            journal._check_identity(job)
+        except BaseException as exc:
+            _close_refused(journal, db)
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise _unreadable(path, exc) from None
+            raise
+        return journal
+
+    def _check_identity(self, job: str | None) -> None:
+        """Refuse another program's, another job's or a newer pipeline's checkpoint."""
+        fmt, version = self.meta("format"), self.meta("format_version")
+        if fmt is not None and fmt != FORMAT:
+            raise CheckpointError(
+                f"{self.path} is not a pipeline checkpoint (its meta says format {fmt!r}); "
+                "give this run its own --journal (or --output), or move that file away"
+            )
+        if version is not None and (not version.isdigit() or int(version) > FORMAT_VERSION):
+            raise CheckpointError(
+                f"the checkpoint {self.path} is in format {version!r}, written by a newer "
+                f"pipeline ({self.meta('pipeline_version') or 'unknown version'}); this one "
+                f"reads format {FORMAT_VERSION}: run it with that pipeline, or use --fresh "
+                "(its answers are set aside in a backup file)"
+            )
+        stored = self.meta("job")
+        if job is not None and stored is not None and stored != job and self.count() > 0:
+            raise CheckpointError(
+                f"the checkpoint {self.path} belongs to job `{stored}`, not `{job}`: give this "
+                "job its own --output (or --journal), or rename the job file back to "
+                f"{stored}.toml if it is the same job"
+            )
+
+    def _claim(self, job: str | None) -> None:
+        """Mark the file as this job's checkpoint, in this pipeline's format."""
+        mine = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+        self.set_meta(**mine, pipeline_version=__version__, **({"job": job} if job else {}))
+
+    def _check_commits(self, wal_found: bool, tables: bool = True) -> None:
+        """Refuse a checkpoint that holds fewer commits than were made to it;
+        `wal_found`: whether its -wal was there before this process opened it;
+        `tables`: whether the file holds a checkpoint's tables (without its -wal, a new
+        checkpoint's main file may hold nothing yet)."""
+        self._commits = int(self.meta(_COMMITS) or 0) if tables else 0
+        tally = _tally_path(self.path)
+        told = _read_tally(tally)
+        if told is None or self._commits >= told:
+            return
+        wal = Path(f"{self.path}-wal")
+        why = (
+            f"its write-ahead log {wal.name}, which holds them, is missing"
+            if not wal_found
+            else f"it is an older copy, or {wal.name} is not its own"
+        )
+        raise CheckpointError(
+            f"the checkpoint {self.path} holds {self._commits:,} of the {told:,} commits made "
+            f"to it ({why}): put the {wal.name} it was written with back beside it (copy the "
+            f"files together), or delete {tally} to resume from what it holds (the rows of "
+            "the lost commits are sent, and billed, again)"
+        )
+
+    def _open_tally(self) -> None:
+        tally = _tally_path(self.path)
+        try:
+            self._tally = os.open(tally, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputRefused(f"cannot create {tally}: {exc.strerror}") from None
+        self._tell()
+
+    def _tell(self) -> None:
+        """Tell the side file the count; fixed width, so it is rewritten in place."""
+        if self._tally is not None:
+            with contextlib.suppress(OSError):  # not told: the next check is laxer only
+                os.pwrite(self._tally, f"{self._commits:020d}\n".encode(), 0)
 
     def _check_fingerprint(self, fingerprint: dict[str, str]) -> None:
         stored = self.meta("fingerprint")
         if stored is not None:
             previous: dict[str, str] = orjson.loads(stored)
             keys = sorted(fingerprint.keys() | previous.keys())
-            changed = [k for k in keys if fingerprint.get(k) != previous.get(k)]
+            # A part an older pipeline did not record cannot be compared: it is taken
+            # as it is now (and recorded, so that the next resume compares it).
+            changed = [k for k in keys if k in previous and fingerprint.get(k) != previous[k]]
+            if "input" in changed and "input ctime" in changed:  # an edit moves both
+                changed.remove("input ctime")
             if changed and self.count() > 0:
                 raise JobError(
                     f"the checkpoint {self.path} was written by a different version of this "
-                    f"job ({', '.join(changed)} changed since). Run with --fresh to start over "
-                    "(its results are discarded), or restore the job as it was to resume"
+                    f"job ({', '.join(_describe(k) for k in changed)} changed since). Run with "
+                    "--fresh to start over (its answers are set aside in a backup file), or "
+                    "restore the job as it was to resume"
                 )
         self.set_meta(fingerprint=orjson.dumps(fingerprint).decode())
 
@@ -172,8 +340,10 @@ class Journal:
         *,
         sending: Sequence[tuple[int, int, int]] = (),
         results: Sequence[RowResult] = (),
+        unsent: Sequence[int] = (),
     ) -> None:
-        """One transaction: rows about to be sent, and results (which end their flight).
+        """One transaction: rows about to be sent, results (which end their flight), and
+        rows recorded as sending that the run stopped before they could be billed.
 
         When it returns, all of it is durable against a crash of this process.
         """
@@ -183,14 +353,20 @@ class Journal:
                     self._db.executemany(_SEND, sending)
                 if results:
                     self._db.executemany(_UPSERT, map(_stored, results))
+                if unsent:
+                    self._db.executemany(_UNSEND, ((row,) for row in unsent))
+                self._db.execute(_COUNT, (str(self._commits + 1),))
         except sqlite3.Error as exc:
             raise OutputError(f"cannot write the checkpoint {self.path}: {exc}") from None
+        self._commits += 1
+        self._tell()
 
     def checkpoint(self) -> None:
         """Move the WAL into the database file (the part that fsyncs); for a thread."""
         with contextlib.suppress(sqlite3.Error):  # retried at the next one
             self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
+    @_reading
     def done_rows(self, first: int, last: int, *, failed_too: bool = True) -> set[int]:
         """Rows in [first, last] that already have a result (an ok one, unless failed_too)."""
         which = _DONE if failed_too else "status = 'ok'"
@@ -199,6 +375,7 @@ class Journal:
         )
         return {r for (r,) in cursor}
 
+    @_reading
     def answered(self, digests: Iterable[int]) -> dict[int, RowResult]:
         """An ok result for each of these request hashes that has one."""
         found: dict[int, RowResult] = {}
@@ -216,6 +393,7 @@ class Journal:
                 found.setdefault(int(result.request_hash or 0), result)
         return found
 
+    @_reading
     def results(self, first: int, last: int) -> pl.DataFrame:
         """Results of rows in [first, last], as a frame with `row` and RESULT_SCHEMA."""
         cursor = self._reader.execute(
@@ -226,6 +404,7 @@ class Journal:
         schema = {"row": pl.Int64(), **RESULT_SCHEMA, **_OPTIONAL}
         return pl.DataFrame(cursor.fetchall(), schema=schema, orient="row")
 
+    @_reading
     def in_flight(self) -> InFlight:
         rows, tokens = self._reader.execute(
             f"SELECT count(*), total(tokens) FROM results WHERE status = '{SENDING}'"
@@ -236,18 +415,28 @@ class Journal:
         (n,) = self._reader.execute(f"SELECT count(*) FROM results WHERE {_DONE}").fetchone()
         return int(n)
 
+    @_reading
     def totals(self) -> Totals:
         row = self._reader.execute(
             "SELECT count(*) FILTER (WHERE status = 'ok'),"
             " count(*) FILTER (WHERE status = 'failed'),"
             " total(cost_usd), total(prompt_tokens), total(completion_tokens),"
-            " count(*) FILTER (WHERE finish_reason = 'length') FROM results"
+            " count(*) FILTER (WHERE finish_reason = 'length'),"
+            " count(*) FILTER (WHERE status = 'ok' AND cost_usd IS NULL) FROM results"
         ).fetchone()
         return Totals(
-            int(row[0]), int(row[1]), float(row[2]), int(row[3]), int(row[4]), int(row[5])
+            int(row[0]),
+            int(row[1]),
+            float(row[2]),
+            int(row[3]),
+            int(row[4]),
+            int(row[5]),
+            int(row[6]),
         )
 
     def close(self) -> None:
+        if self._tally is not None:
+            os.close(self._tally)
         self.checkpoint()
         self._checkpointer.close()
         self._reader.close()
@@ -282,6 +471,155 @@ def _lock(path: Path) -> IO[str]:
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+#: How the refusal of a changed job names a fingerprint's part, where its key is terse.
+_PARTS = {
+    "input": "the input file (its size or modification time)",
+    "input ctime": (
+        "the input file (its inode change time: edited in place, perhaps with its "
+        "modification time put back)"
+    ),
+    "price": "the price (--price or [price])",
+    "key": "the input's key column ([input] key)",
+}
+
+
+def _describe(part: str) -> str:
+    return _PARTS.get(part, part)
+
+
+def _check_file(path: Path) -> None:
+    """Refuse, before SQLite reads it, a file at `path` that cannot be a sound checkpoint.
+
+    SQLite reads an empty file as an empty database and a truncated one until it meets
+    the missing page (mid-run): either would look like a checkpoint with fewer answers,
+    and the rows it lost would be sent and billed again.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header = handle.read(_HEADER_BYTES)
+    except FileNotFoundError:
+        return  # a new checkpoint
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the checkpoint {path}: {exc.strerror}") from None
+    fix = "move it away or give this run its own --journal; --fresh sets it aside and starts over"
+    if size == 0:
+        raise CheckpointError(
+            f"the checkpoint {path} is empty (0 bytes): it lost whatever it held, so a "
+            f"resume cannot tell which rows were paid for; {fix}"
+        )
+    if len(header) < _HEADER_BYTES or not header.startswith(_SQLITE_MAGIC):
+        raise CheckpointError(f"{path} is not a checkpoint (not a SQLite file); {fix}")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    # The header's page count is valid when its "version valid for" matches the
+    # change counter (SQLite's file format, section 1.3.7). With a -wal beside it, a
+    # shorter file is a checkpoint cut short (a full disk): the -wal holds the pages.
+    wal = Path(f"{path}-wal")
+    wal_size = wal.stat().st_size if wal.exists() else 0
+    if header[92:96] == header[24:28] and size < page_size * pages and not wal_size:
+        raise CheckpointError(
+            f"the checkpoint {path} is truncated ({size:,} bytes of the "
+            f"{page_size * pages:,} its header says): restore it from a copy, or {fix}"
+        )
+
+
+def _close_refused(journal: Journal | None, db: sqlite3.Connection | None) -> None:
+    """Close what a refused open had opened (the lock is the caller's)."""
+    with contextlib.suppress(sqlite3.Error):
+        if journal is not None:
+            journal._lock = None
+            journal.close()
+        elif db is not None:
+            db.close()
+
+
+def _wal_found(path: Path) -> bool:
+    """Whether a -wal with frames is beside `path`, looked at before a connection makes
+    one (an empty one is what a connection leaves when it found none)."""
+    wal = Path(f"{path}-wal")
+    return wal.exists() and wal.stat().st_size > _WAL_HEADER_BYTES
+
+
+def _tally_path(path: Path) -> Path:
+    return Path(f"{path}.commits")
+
+
+def _read_tally(tally: Path) -> int | None:
+    """The commits the side file was told of; None without one (an older pipeline's
+    checkpoint, or one moved without it: nothing to compare with)."""
+    try:
+        return int(tally.read_text(encoding="ascii").strip() or 0)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_tables(path: Path, db: sqlite3.Connection, *, creating: bool = True) -> bool:
+    """Refuse another program's SQLite file; True if the file holds a checkpoint's
+    tables. `creating`: a file with no tables may become a checkpoint."""
+    names = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if {"meta", "results"} <= names:
+        return True
+    if creating and not names:
+        return False
+    what = f"tables: {', '.join(sorted(names))}" if names else "no tables"
+    raise CheckpointError(
+        f"{path} is a SQLite file but not a pipeline checkpoint ({what}); give this run its "
+        "own --journal (or --output), or move that file away"
+    )
+
+
+def _unreadable(path: Path, exc: sqlite3.DatabaseError) -> CheckpointError:
+    return CheckpointError(
+        f"the checkpoint {path} cannot be read ({exc}): restore it from a copy, or move it "
+        "away; --fresh sets it aside and starts over"
+    )
+
+
+def _set_aside(path: Path) -> str | None:
+    """--fresh: keep what the old checkpoint holds in a backup file, and say where.
+
+    A checkpoint with no rows is deleted; one with answers (paid for) is moved to
+    `<stem>.discarded-<time>.sqlite`, its -wal folded in first (a rename: no copy of
+    a large file), or copied if that cannot be done; a file that cannot be read as one
+    is moved there as it is (it may be someone's).
+    """
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    backup = path.with_name(f"{path.stem}.discarded-{stamp}{path.suffix}")
+    copied = False
+    try:
+        _check_file(path)
+        with contextlib.closing(_connect(path)) as db:
+            _check_tables(path, db)
+            held = db.execute("SELECT count(*), total(cost_usd) FROM results").fetchone()
+            busy = held[0] and db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if busy:  # a reader (`pipeline status`) holds part of the -wal: copy it all
+                with contextlib.closing(sqlite3.connect(backup)) as copy:
+                    db.backup(copy)
+                copied = True
+        if held[0] and not copied:
+            os.replace(path, backup)  # the -wal is folded in: the file holds it all
+    except (CheckpointError, sqlite3.DatabaseError):
+        os.replace(path, backup)
+        if Path(f"{path}-wal").exists():
+            os.replace(f"{path}-wal", f"{backup}-wal")
+        Path(f"{path}-shm").unlink(missing_ok=True)
+        _tally_path(path).unlink(missing_ok=True)
+        return f"--fresh: {path} was not a readable checkpoint; it is moved to {backup}"
+    for suffix in ("", "-wal", "-shm", ".commits"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    if not held[0]:
+        return None
+    return (
+        f"--fresh: the old checkpoint held {held[0]:,} rows (${held[1]:.4f} spent); it is "
+        f"kept as {backup} (--journal {backup} with another --output writes its answers "
+        "out again; delete it when you no longer need it)"
+    )
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:

@@ -26,7 +26,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError, JobError, OutputError, OutputRefused, SpecError
+from pipeline.errors import (
+    CheckpointError,
+    InputError,
+    JobError,
+    OutputError,
+    OutputRefused,
+    SpecError,
+)
 from pipeline.journal import Journal
 from pipeline.parse import RESULT_SCHEMA, OutputShape
 from pipeline.source import ROW_INDEX
@@ -247,7 +254,7 @@ def recorded_output(path: Path, output: Path) -> str | None:
         return None
     try:
         checkpoint = Journal.read(path)
-    except sqlite3.Error:  # not a checkpoint: Journal.open says so next
+    except (sqlite3.Error, CheckpointError):  # not a sound one: Journal.open says so next
         return None
     try:
         record = checkpoint.meta(OUTPUT_META)

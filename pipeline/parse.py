@@ -19,7 +19,7 @@ import orjson
 import polars as pl
 from jsonschema import Draft202012Validator
 
-from pipeline.endpoints import Answer
+from pipeline.endpoints import Answer, Usage
 from pipeline.errors import AnswerFiltered, ResponseInvalid
 
 if TYPE_CHECKING:
@@ -130,14 +130,22 @@ def _fill_answer(result: RowResult, answer: Answer, pricer: Pricer) -> None:
     calls = answer.extra.get("tool_calls")
     if calls:
         result.tool_calls = orjson.dumps(calls).decode()
+    result.request_id = answer.request_id
+    result.model = answer.model
+    if usage == _NO_USAGE and not pricer.per_request:
+        # An answer without `usage` (a proxy or server that drops it) was generated and
+        # billed all the same: its tokens and cost are unknown, not zero.
+        return
     result.prompt_tokens = usage.prompt_tokens
     result.completion_tokens = usage.completion_tokens
     result.cached_tokens = usage.cached_tokens
     result.reasoning_tokens = usage.reasoning_tokens
     # A failed answer (bad JSON) was still generated, and billed.
     result.cost_usd = pricer.cost(usage)
-    result.request_id = answer.request_id
-    result.model = answer.model
+
+
+#: What an answer whose body has no `usage` reads as.
+_NO_USAGE = Usage()
 
 
 class AnswerCheck:

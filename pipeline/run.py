@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import math
 import re
 import shutil
 import signal
@@ -36,6 +37,7 @@ from pipeline.endpoints.base import JSON
 from pipeline.endpoints.tools import ToolRunner
 from pipeline.errors import (
     BudgetReached,
+    BudgetTooSmall,
     Halted,
     JobError,
     OutputError,
@@ -57,7 +59,7 @@ from pipeline.output import (
     write_output,
 )
 from pipeline.parse import RowResult, to_results
-from pipeline.plan import BATCH_ROWS, LIMIT_ROWS, Plan, fingerprint, limited
+from pipeline.plan import BATCH_ROWS, LIMIT_ROWS, Plan, estimate, fingerprint, limited
 from pipeline.preflight import check_server
 from pipeline.progress import Counters, Display
 from pipeline.redact import redact, redact_result
@@ -101,7 +103,14 @@ class Sending:
     recorded: asyncio.Future[None]
 
 
-Entry = Outcome | Sending | RowResult | None
+@dataclass(slots=True)
+class NotSent:
+    """A row recorded as sending that the run stopped before it could be billed."""
+
+    work: Work
+
+
+Entry = Outcome | Sending | NotSent | RowResult | None
 
 
 class Runner:
@@ -133,6 +142,17 @@ class Runner:
         self._bounds = RowBounds.for_job(job)
         #: Rows in a row that ran past the render limits (each costs MAX_RENDER_S).
         self._runaway = 0
+        #: The producer and the workers, once running: what abandon() cancels.
+        self._senders: list[asyncio.Task[None]] = []
+
+    def abandon(self) -> int:
+        """Stop sending at once (a drain that took too long); return how many requests
+        were in flight. Those stay recorded as sending, so a resume says so and sends
+        them again; the writer still commits every answer that arrived."""
+        abandoned = self.dispatcher.in_flight if self.dispatcher is not None else 0
+        for task in self._senders:
+            task.cancel()
+        return abandoned
 
     async def run(self, transport: AiohttpTransport) -> Dispatcher:
         limits = self.plan.job.limits
@@ -145,6 +165,7 @@ class Runner:
             self.plan.check,
             tools=_ToolRounds(self, self.plan.tools) if self.plan.tools is not None else None,
             before_send=self._record_sending,
+            not_sent=self._record_not_sent,
         )
         # Before the first row: a server that cannot serve any halts the run here.
         plan = self.plan
@@ -164,8 +185,10 @@ class Runner:
                     tg.create_task(dispatcher.worker(inbox, self._outbox))
                     for _ in range(limits.concurrency)
                 ]
-                await producer
-                await asyncio.gather(*workers)
+                self._senders = [producer, *workers]
+                # return_exceptions: senders that abandon() cancelled end quietly, and the
+                # writer still commits what arrived; one that failed fails the group.
+                await asyncio.gather(producer, *workers, return_exceptions=True)
                 await self._outbox.put(None)
                 await writer
         except* PipelineError as group:
@@ -177,6 +200,9 @@ class Runner:
         recorded = asyncio.get_running_loop().create_future()
         await self._outbox.put(Sending(work, recorded))
         await recorded
+
+    async def _record_not_sent(self, work: Work) -> None:
+        await self._outbox.put(NotSent(work))
 
     async def _produce(self, inbox: asyncio.Queue[Work | None], workers: int) -> None:
         assert self.dispatcher is not None
@@ -340,18 +366,21 @@ class Runner:
             sending: list[tuple[int, int, int]] = []
             waiting: list[asyncio.Future[None]] = []
             results: list[RowResult] = []
+            unsent: list[int] = []
             for entry in entries:
                 if isinstance(entry, Sending):
                     sending.extend(_sending(entry.work))
                     waiting.append(entry.recorded)
+                elif isinstance(entry, NotSent):
+                    unsent.extend(entry.work.rows)
                 elif isinstance(entry, Outcome):
                     results.extend(self._results(entry))
                 elif isinstance(entry, RowResult):
                     results.append(entry)
-            if sending or results:
+            if sending or results or unsent:
                 # In the loop, not a thread: a WAL append without fsync takes ~40 us,
                 # less than the hop to a thread and back. The fsync is in checkpoint().
-                self.journal.write(sending=sending, results=results)
+                self.journal.write(sending=sending, results=results, unsent=unsent)
                 last_commit = time.monotonic()
                 commits += 1
                 if commits % CHECKPOINT_COMMITS == 0 and (
@@ -477,9 +506,14 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
         raise JobError(plan.key_problem)
     check_disk(plan)
     recorded = recorded_output(plan.journal_path, plan.output)  # before --fresh discards it
-    journal = Journal.open(plan.journal_path, fingerprint(plan), fresh=plan.options.fresh)
+    journal = Journal.open(
+        plan.journal_path, fingerprint(plan), fresh=plan.options.fresh, job=plan.job.name
+    )
     try:
+        if journal.set_aside:
+            notify(journal.set_aside)
         check_replaceable(plan.output, recorded)
+        budget = _check_budget(plan, journal)  # before the run is on record as started
         for path in (plan.output, plan.summary_path):
             remove_leftovers(path.parent, path.name)
         remove_leftovers(plan.files_dir)
@@ -494,6 +528,8 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
         resume = _resume_note(plan, journal, earlier.ok + earlier.failed)
         if resume:
             notify(resume)
+        if budget:
+            notify(budget)
         async with _server(plan) as base_url:
             runner = Runner(plan, journal, base_url, earlier)
             dispatcher = await _run_with_signals(runner, plan.job, notify)
@@ -503,6 +539,12 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
         except OutputError as exc:
             raise OutputError(_kept_note(plan, exc)) from None
         journal.set_meta(**{OUTPUT_META: output_record(plan.output)})
+        if summary["rows_without_usage"]:
+            notify(
+                f"warning: {_plural(summary['rows_without_usage'], 'row')} answered without "
+                "`usage`: their cost is unknown (cost_usd is empty), is not in the totals, "
+                "and --max-cost cannot count it"
+            )
         report = _report(plan, dispatcher, summary)
         journal.set_meta(last_finished=str(time.time()), last_exit=str(report.exit_code))
     finally:
@@ -545,6 +587,50 @@ def _resume_note(plan: Plan, journal: Journal, done: int) -> str | None:
             f"sent again, and what they cost before is billed again (at most ${most:.4f})"
         )
     return note
+
+
+def _check_budget(plan: Plan, journal: Journal) -> str | None:
+    """The budget against the estimate of the rows left, before anything is sent:
+    refuse one below the prompts' cost alone, say how far one below the worst case goes.
+
+    Only when a budget is set: the estimate renders every row left, a pass over the
+    input that a run without one does not pay at start-up.
+    """
+    budget = plan.job.limits.max_cost
+    if budget is None:
+        return None
+    failed_too = not plan.options.retry_failed
+    e = estimate(plan, lambda first, last: journal.done_rows(first, last, failed_too=failed_too))
+    if e.rows == 0 or e.cost_high <= budget:
+        return None
+    left = f"the {_plural(e.rows, 'row')} left to send"
+    if e.cost_low > budget:
+        raise BudgetTooSmall(
+            f"the budget (--max-cost or [limits] max_cost) {_usd(budget)} is below what the "
+            f"prompts alone cost: {_usd(e.cost_low)} for {left} (up to {_usd(e.cost_high)} "
+            f"with every answer at max_tokens); raise it to at least {_usd(e.cost_low)}, or "
+            "send fewer rows with --limit. Nothing was sent"
+        )
+    # A row costs its prompt plus an answer of 0 to max_tokens tokens.
+    fewest = int(e.rows * budget / e.cost_high)
+    most = min(e.rows, int(e.rows * budget / e.cost_low)) if e.cost_low else e.rows
+    return (
+        f"the budget {_usd(budget)} is below the worst case for {left} "
+        f"({_usd(e.cost_low)} to {_usd(e.cost_high)}, as answers run short or to max_tokens): "
+        f"it covers about {fewest:,} to {most:,} rows, and the run stops when it is spent "
+        "(exit 3; run again with a larger --max-cost to go on)"
+    )
+
+
+def _usd(amount: float) -> str:
+    """Dollars to four places, or to three significant digits below a cent."""
+    if amount == 0 or amount >= 0.01:
+        return f"${amount:,.4f}"
+    return f"${amount:.{2 - math.floor(math.log10(amount))}f}"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def check_disk(plan: Plan) -> None:
@@ -590,13 +676,30 @@ async def _run_with_signals(runner: Runner, job: Job, notify: Callable[[str], No
     task = asyncio.current_task()
     assert task is not None
 
+    drain: list[asyncio.TimerHandle] = []
+
+    def on_drain_timeout(sig: signal.Signals) -> None:
+        assert runner.dispatcher is not None
+        abandoned = runner.abandon()
+        runner.dispatcher.stop_reason = stopped(
+            sig,
+            f"interrupted: {_plural(abandoned, 'request')} still in flight after "
+            f"{DRAIN_S:g} s {'was' if abandoned == 1 else 'were'} abandoned (the server may "
+            "bill them; a resume sends them again); finished rows are kept and the output "
+            "is written",
+        )
+
     def on_signal(sig: signal.Signals) -> None:
-        if runner.dispatcher is None or runner.dispatcher.stopped:
+        if runner.dispatcher is None:
             task.cancel()
             return
+        # A run already halting (a halt, the budget) keeps its reason, the one to act on;
+        # the first signal still drains and writes the output, like any first signal.
         stop = stopped(sig, "interrupted: finished rows are kept; run again to resume")
         runner.dispatcher.stop(stop)
-        loop.call_later(DRAIN_S, task.cancel)
+        # The drain's end abandons the requests still out and writes the output; only
+        # a second signal stops without it.
+        drain.append(loop.call_later(DRAIN_S, on_drain_timeout, sig))
         notify(
             f"stopping: requests in flight have up to {DRAIN_S:.0f} s to finish, then the "
             "output is written; interrupt again to stop at once"
@@ -618,6 +721,9 @@ async def _run_with_signals(runner: Runner, job: Job, notify: Callable[[str], No
             raise stopped(
                 signals.first, "stopped before the drain ended; finished rows are kept"
             ) from None
+        finally:
+            for handle in drain:
+                handle.cancel()
 
 
 def _finish(plan: Plan, journal: Journal, runner: Runner, started: float) -> dict[str, Any]:
@@ -653,6 +759,7 @@ def _finish(plan: Plan, journal: Journal, runner: Runner, started: float) -> dic
         "resumed": c.resumed,
         "shared_answers": runner.shared,
         "cut_off_by_max_tokens": totals.cut_off,
+        "rows_without_usage": totals.without_usage,
         "requests_sent": stats.sent,
         "retries": stats.retries,
         "rate_limited": stats.rate_limited,

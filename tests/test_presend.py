@@ -352,8 +352,11 @@ def test_validate_stops_checking_a_template_that_always_loops(tmp_path: Path) ->
 
 
 def test_ctrl_c_ends_a_run_while_renders_loop(tmp_path: Path, sim: Server) -> None:
+    # Every other row loops, so the run never meets LIMIT_ROWS runaway rows in a row
+    # (which halts it by itself) and is still rendering when Ctrl-C comes.
     rows = [{"id": i, "text": f"row {i}"} for i in range(200)]
-    job = write_job(tmp_path, rows, template={"user": NESTED_LOOPS})
+    every_other = "{% if id|int is even %}" + NESTED_LOOPS + "{% else %}{{ text }}{% endif %}"
+    job = write_job(tmp_path, rows, template={"user": every_other})
 
     proc = spawn_run(job, sim.url)
     assert proc.stderr is not None
@@ -372,10 +375,10 @@ def test_ctrl_c_ends_a_run_while_renders_loop(tmp_path: Path, sim: Server) -> No
 
     assert proc.returncode == 130, rest
     assert "Traceback" not in rest
-    assert sim.sim.stats.requests == 0
     out = read_output(tmp_path / "out.parquet")
     assert out.height == 200
-    assert set(out["status"].to_list()) <= {"failed", "pending"}
+    assert out["status"].to_list().count("pending") > 100, "it stopped rendering"
+    assert out["status"].to_list().count("ok") == sim.sim.stats.requests
 
 
 @pytest.mark.parametrize(

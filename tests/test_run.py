@@ -183,9 +183,12 @@ def test_changed_job_is_refused_naming_what_changed(tmp_path: Path, sim: Server)
 def test_budget_stops_the_run_with_exit_3(tmp_path: Path, sim: Server) -> None:
     job = write_job(tmp_path, texts(200), limits={"concurrency": 2})
 
-    result = run_job(job, sim, "--max-cost", "0.00001")
+    # Above the prompts' cost ($0.00054: a budget below that is refused before
+    # sending, see test_money.py), below the worst case ($0.0044).
+    result = run_job(job, sim, "--max-cost", "0.001")
 
     assert result.exit_code == 3, result.output
+    assert "it covers about" in result.output
     out = read_output(tmp_path / "out.parquet")
     assert out.height == 200
     assert out["status"].value_counts().filter(pl.col("status") == "pending")["count"][0] > 100
