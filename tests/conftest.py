@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
+import ssl
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import aiohttp
 import orjson
 import polars as pl
 import pytest
+from aiohttp import web
 from click.testing import CliRunner, Result
 from multidict import CIMultiDict
 
@@ -57,6 +61,55 @@ def serving(**config: Any) -> Iterator[Server]:
 def sim() -> Iterator[Server]:
     with serving() as server:
         yield server
+
+
+#: Bound on starting, stopping and each step of a test's own server thread.
+THREAD_TIMEOUT_S = 30
+
+
+@contextlib.contextmanager
+def loop_in_thread() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop of its own, run by `asyncio.run` in a daemon thread until the block
+    ends; hand it work with `asyncio.run_coroutine_threadsafe`. On the way out,
+    `asyncio.run` cancels whatever is left and closes the loop, as the simulator's does."""
+    ready: concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Event]]
+    ready = concurrent.futures.Future()
+
+    async def hold() -> None:
+        stop = asyncio.Event()
+        ready.set_result((asyncio.get_running_loop(), stop))
+        await stop.wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(hold(),), daemon=True)
+    thread.start()
+    loop, stop = ready.result(timeout=THREAD_TIMEOUT_S)
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=THREAD_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def serving_app(
+    app: web.Application, *, ssl_context: ssl.SSLContext | None = None
+) -> Iterator[str]:
+    """A purpose-built aiohttp app on a free 127.0.0.1 port, in a thread (`loop_in_thread`);
+    yields its base URL, `http://127.0.0.1:PORT/v1` (`https://` with `ssl_context`).
+    The app is the caller's, `client_max_size` and all; no access log is kept."""
+    with loop_in_thread() as loop:
+
+        def call(step: Coroutine[Any, Any, None]) -> None:
+            asyncio.run_coroutine_threadsafe(step, loop).result(timeout=THREAD_TIMEOUT_S)
+
+        runner = web.AppRunner(app, access_log=None)
+        call(runner.setup())
+        try:
+            call(web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start())
+            scheme = "https" if ssl_context else "http"
+            yield f"{scheme}://127.0.0.1:{runner.addresses[0][1]}/v1"
+        finally:
+            call(runner.cleanup())
 
 
 def toml_value(value: Any) -> str:

@@ -6,12 +6,10 @@ it is absent these tests skip, saying so.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import email.message
 import email.parser
 import email.policy
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import ClientSession, web
-from conftest import invoke, post_json
+from conftest import invoke, post_json, serving_app
 from jsonschema import Draft202012Validator, ValidationError, validators
 from PIL import Image
 from referencing import Registry, Resource
@@ -618,23 +616,10 @@ class Recorder:
 @contextlib.contextmanager
 def recording(upstream: str) -> Iterator[tuple[str, Recorder]]:
     recorder = Recorder(upstream)
-    loop = asyncio.new_event_loop()
     app = web.Application(client_max_size=64 * 2**20)
     app.router.add_post("/{tail:.*}", recorder.handle)
-    runner = web.AppRunner(app, access_log=None)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}/v1", recorder
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
+    with serving_app(app) as url:
+        yield url, recorder
 
 
 @pytest.mark.parametrize("job", SAMPLE_JOBS)

@@ -16,14 +16,13 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import read_output, serving, write_job
+from conftest import THREAD_TIMEOUT_S, loop_in_thread, read_output, serving, serving_app, write_job
 from multidict import CIMultiDict
 
 from pipeline.dispatch import Dispatcher, Outcome, RetryPolicy, Work
@@ -152,21 +151,8 @@ def self_signed(tmp_path: Path) -> Iterator[tuple[str, list[int]]]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-    loop.run_until_complete(site.start())
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{port}/v1", hits
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
+    with serving_app(app, ssl_context=context) as url:
+        yield url, hits
 
 
 def test_untrusted_tls_certificate_halts_at_the_first_request(
@@ -228,6 +214,8 @@ def test_server_that_never_answers_halts_with_rows_pending(tmp_path: Path) -> No
 
 def test_server_going_down_mid_run_halts_when_a_row_has_tried_it_all(tmp_path: Path) -> None:
     # Answers first, then refuses: the halt waits for a row to use every attempt.
+    # The server runs on this test's own loop, not in serving_app's thread, so that its port
+    # closes the moment the last answer is out, before the run can be answered once more.
     job = write_job(
         tmp_path,
         rows(),
@@ -474,18 +462,14 @@ def refusing_proxy() -> Iterator[tuple[str, list[bytes]]]:
         await writer.drain()
         writer.close()
 
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(asyncio.start_server(serve, "127.0.0.1", 0))
-    port = server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}", heard
-    finally:
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
+    with loop_in_thread() as loop:
+        start = asyncio.start_server(serve, "127.0.0.1", 0)
+        server = asyncio.run_coroutine_threadsafe(start, loop).result(timeout=THREAD_TIMEOUT_S)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            yield f"http://127.0.0.1:{port}", heard
+        finally:
+            loop.call_soon_threadsafe(server.close)
 
 
 def test_https_proxy_from_the_environment_is_used_and_its_refusal_named(
@@ -521,21 +505,8 @@ def plain_server(
     heard: list[str] = []
     app = web.Application()
     routes(app, heard)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}/v1", heard
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
+    with serving_app(app) as url:
+        yield url, heard
 
 
 def captive_portal(app: web.Application, heard: list[str]) -> None:

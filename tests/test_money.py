@@ -8,7 +8,6 @@ not a zero one; a model without a price names --price.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -23,7 +22,7 @@ from pathlib import Path
 import orjson
 import pytest
 from aiohttp import web
-from conftest import read_output, run_job, serving, spawn_run, write_job
+from conftest import read_output, run_job, serving, serving_app, spawn_run, write_job
 
 import pipeline.run
 from pipeline.plan import RunOptions, estimate, make_plan
@@ -195,23 +194,10 @@ def answering_without_usage() -> Iterator[tuple[str, list[int]]]:
         }
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    loop = asyncio.new_event_loop()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", complete)
-    runner = web.AppRunner(app, access_log=None)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}/v1", received
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
+    with serving_app(app) as url:
+        yield url, received
 
 
 def test_an_answer_without_usage_has_an_unknown_cost_said_once(tmp_path: Path) -> None:

@@ -6,9 +6,7 @@ in the middle of the final write, and a write that fails after the answers were 
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -17,7 +15,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +22,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from aiohttp import web
-from conftest import Server, invoke, read_output, run_job, write_job
+from conftest import Server, invoke, read_output, run_job, serving_app, write_job
 
 from pipeline.output import OUTPUT_META, TEMP_SUFFIX, atomic_write, remove_leftovers
 from pipeline.trust import TRUST_ENV
@@ -396,8 +393,6 @@ def json_server(
     """A loopback server that answers POST /v1`route` with `answer`, calling
     `on_request` before its first answer; yields its base URL and the requests seen."""
     count: list[int] = []
-    ready: concurrent.futures.Future[tuple[str, asyncio.AbstractEventLoop, asyncio.Event]]
-    ready = concurrent.futures.Future()
 
     async def handle(request: web.Request) -> web.Response:
         if not count:
@@ -406,32 +401,10 @@ def json_server(
         await request.read()
         return web.json_response(answer)
 
-    async def serve() -> None:
-        app = web.Application()
-        app.router.add_post(f"/v1{route}", handle)
-        runner = web.AppRunner(app, access_log=None)
-        try:
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-        except BaseException as error:
-            ready.set_exception(error)
-            raise
-        stop = asyncio.Event()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-        ready.set_result((url, asyncio.get_running_loop(), stop))
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    url, loop, stop = ready.result(timeout=30)
-    try:
+    app = web.Application()
+    app.router.add_post(f"/v1{route}", handle)
+    with serving_app(app) as url:
         yield url, count
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=30)
 
 
 def test_a_server_chosen_image_format_cannot_choose_where_the_file_goes(tmp_path: Path) -> None:

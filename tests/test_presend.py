@@ -9,11 +9,9 @@ before it is sent.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import orjson
 import polars as pl
 import pytest
 from aiohttp import web
-from conftest import Server, invoke, read_output, run_job, spawn_run, write_job
+from conftest import Server, invoke, read_output, run_job, serving_app, spawn_run, write_job
 
 from pipeline.render import MAX_RENDER_CHARS, MAX_RENDER_S
 
@@ -250,23 +248,10 @@ def recording_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
             }
         )
 
-    loop = asyncio.new_event_loop()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}/v1", bodies
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
+    with serving_app(app) as url:
+        yield url, bodies
 
 
 def test_csv_values_reach_the_prompt_and_the_output_as_written(tmp_path: Path) -> None:

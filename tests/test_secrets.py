@@ -8,13 +8,10 @@ file the run wrote, and its stdout and stderr, is searched for the canary.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +21,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
-from conftest import invoke, read_output, write_job
+from conftest import invoke, read_output, serving_app, write_job
 
 from pipeline.errors import SpecError, Untrusted
 from pipeline.plan import RunOptions, make_plan
@@ -98,41 +95,16 @@ def echo_server(status: int = 200) -> Iterator[Echo]:
     request answers `status` (200: the prompt picks an echo, or an answer that
     carries the key)."""
     seen = Echo("")
-    ready: concurrent.futures.Future[tuple[str, asyncio.AbstractEventLoop, asyncio.Event]]
-    ready = concurrent.futures.Future()
 
     async def chat(request: web.Request) -> web.Response:
         return await _chat(request, seen, status)
 
-    async def serve() -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        app.router.add_post("/v1/messages", chat)  # Anthropic: the key in x-api-key
-        runner = web.AppRunner(app, access_log=None)
-        try:
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-        except BaseException as error:
-            ready.set_exception(error)
-            raise
-        port = runner.addresses[0][1]
-        stop = asyncio.Event()
-        ready.set_result((f"http://127.0.0.1:{port}/v1", asyncio.get_running_loop(), stop))
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    url, loop, stop = ready.result(timeout=30)
-    seen.url = url
-    try:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/messages", chat)  # Anthropic: the key in x-api-key
+    with serving_app(app) as url:
+        seen.url = url
         yield seen
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=30)
 
 
 def pipeline_command(
