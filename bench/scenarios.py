@@ -194,6 +194,8 @@ class Stats:
     errors: int = 0
     #: What the admitted requests were charged against TPM, as the server counts.
     tokens: int = 0
+    #: `GET /models` answered (pipeline checks the server before its first row).
+    listings: int = 0
 
     def __sub__(self, other: Stats) -> Stats:
         return Stats(
@@ -203,6 +205,7 @@ class Stats:
             self.faults - other.faults,
             self.errors - other.errors,
             self.tokens - other.tokens,
+            self.listings - other.listings,
         )
 
     @property
