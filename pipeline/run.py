@@ -24,7 +24,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 import polars as pl
@@ -67,8 +66,7 @@ from pipeline.render import NullValue, RenderFailed, RenderLimit
 from pipeline.signals import Signals, stopped
 from pipeline.source import ROW_INDEX
 from pipeline.spec import Job, digest
-from pipeline.transport import AiohttpTransport
-from pipeline.trust import is_loopback
+from pipeline.transport import AiohttpTransport, env_proxy
 
 #: Entries committed in one transaction at most; a commit takes whatever is waiting.
 COMMIT_ROWS = 2_000
@@ -709,9 +707,7 @@ async def _run_with_signals(runner: Runner, job: Job, notify: Callable[[str], No
         timeout_s=job.request.timeout_s,
         connect_timeout_s=job.request.connect_timeout_s,
         max_body_bytes=runner.plan.endpoint.max_response_bytes,
-        # A proxy from the environment is for the way out, not for this machine's servers
-        # (the simulator, a local llama.cpp): NO_PROXY rarely lists 127.0.0.1.
-        trust_env=not is_loopback(urlsplit(runner.url).hostname or ""),
+        proxy=env_proxy(runner.url),
     )
     with Signals(loop, on_signal) as signals:
         try:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import urllib.request
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -34,6 +36,7 @@ from pipeline.errors import (
     ServerError,
 )
 from pipeline.limits import retry_after
+from pipeline.trust import is_loopback
 
 #: A wait longer than this on a 429 is a quota, not a rate: halt instead of sleeping.
 MAX_RATE_LIMIT_WAIT_S = 300.0
@@ -69,12 +72,13 @@ class AiohttpTransport:
         connect_timeout_s: float,
         connections: int = 0,
         max_body_bytes: int = MAX_BODY_BYTES,
-        trust_env: bool = True,
+        proxy: str | None = None,
     ):
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
         self._connections = connections
         self._max_body = max_body_bytes
-        self._trust_env = trust_env
+        #: Every request goes through this proxy (`env_proxy` finds the user's).
+        self._proxy = proxy
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AiohttpTransport:
@@ -84,8 +88,11 @@ class AiohttpTransport:
             timeout=self._timeout,
             # Cookies a server sets are not ours to carry from one row to the next.
             cookie_jar=aiohttp.DummyCookieJar(),
-            # HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and .netrc), as the official SDKs do.
-            trust_env=self._trust_env,
+            # Not trust_env: with it aiohttp reads ~/.netrc and the proxy variables in a
+            # thread for every request (0.4 ms of CPU each, 2.5x a request's whole cost
+            # here), and a .netrc entry for the API's host clashes with our auth header.
+            # The proxy is looked up once per run instead (env_proxy).
+            trust_env=False,
         )
         return self
 
@@ -108,11 +115,28 @@ class AiohttpTransport:
                 data=body if len(body) <= LARGE_BODY_BYTES else io.BytesIO(body),
                 headers=request.headers,
                 allow_redirects=False,
+                proxy=self._proxy,
             ) as response:
                 body = await _read_capped(response, self._max_body)
                 return HttpResponse(response.status, response.headers, body)
         except Exception as exc:
             raise map_exception(exc) from exc
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (HTTPS_PROXY / HTTP_PROXY / ALL_PROXY,
+    less NO_PROXY, read as the standard library reads them), as the official SDKs honour
+    them; None for this machine's own servers (the simulator, a local llama.cpp), since
+    NO_PROXY rarely lists 127.0.0.1."""
+    parts = urlsplit(url)
+    if is_loopback(parts.hostname or ""):
+        return None
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # untyped
+    if not proxy or bypass(parts.netloc, proxies):
+        return None
+    return proxy
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import aiohttp
 import pytest
 from multidict import CIMultiDict
@@ -19,7 +21,7 @@ from pipeline.errors import (
     ServerError,
 )
 from pipeline.spec import RequestSpec
-from pipeline.transport import classify, map_exception
+from pipeline.transport import classify, env_proxy, map_exception
 
 CONN_KEY = aiohttp.client_reqrep.ConnectionKey("h", 1, False, True, None, None, None)
 
@@ -134,3 +136,57 @@ def test_rate_limit_carries_the_servers_wait() -> None:
 
     assert failure is not None
     assert failure.retry_after == 1.5
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "proxy"),
+    [
+        pytest.param("https://api.openai.com/v1", {}, None, id="no-proxy-set"),
+        pytest.param(
+            "https://api.openai.com/v1",
+            {"HTTPS_PROXY": "http://p:3128"},
+            "http://p:3128",
+            id="https-proxy",
+        ),
+        pytest.param(
+            "https://api.openai.com/v1",
+            {"https_proxy": "http://p:3128"},
+            "http://p:3128",
+            id="lower-case",
+        ),
+        pytest.param(
+            "https://api.openai.com/v1",
+            {"ALL_PROXY": "http://p:3128"},
+            "http://p:3128",
+            id="all-proxy",
+        ),
+        pytest.param(
+            "https://api.openai.com/v1",
+            {"HTTP_PROXY": "http://p:3128"},
+            None,
+            id="http-proxy-is-not-for-https",
+        ),
+        pytest.param(
+            "https://api.openai.com/v1",
+            {"HTTPS_PROXY": "http://p:3128", "NO_PROXY": "example.org,openai.com"},
+            None,
+            id="no-proxy-domain-suffix",
+        ),
+        pytest.param(
+            "http://127.0.0.1:8000/v1",
+            {"HTTP_PROXY": "http://p:3128"},
+            None,
+            id="loopback-never-proxied",
+        ),
+    ],
+)
+def test_env_proxy_is_read_once_as_the_sdks_read_it(
+    monkeypatch: pytest.MonkeyPatch, url: str, env: dict[str, str], proxy: str | None
+) -> None:
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    assert env_proxy(url) == proxy
