@@ -563,14 +563,14 @@ def test_html_at_models_halts_before_any_row_and_nothing_is_in_flight(tmp_path: 
 
 def test_wrong_key_halts_at_the_models_check_with_no_row_sent(tmp_path: Path) -> None:
     job = job_in(tmp_path)
-    with serving(api_key="sk-right-key-0123456789") as api:
-        result = run_cli(job, api.url, env_extra={"OPENAI_API_KEY": "sk-wrong-key-0123456789"})
+    with serving(api_key="test-right-key-0123456789") as api:
+        result = run_cli(job, api.url, env_extra={"OPENAI_API_KEY": "test-wrong-key-0123456789"})
         stats = api.sim.stats
 
     assert result.returncode == 4, result.stderr
     line = one_line_error(result)
     assert "authentication failed" in line
-    assert "sk-wrong-key-0123456789" not in result.stderr
+    assert "test-wrong-key-0123456789" not in result.stderr
     assert (stats.requests, stats.listings) == (0, 1)
     all_pending(tmp_path)
 

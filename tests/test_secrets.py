@@ -30,7 +30,7 @@ from pipeline.spec import load_job
 from pipeline.trust import TRUST_ENV, is_loopback
 
 #: Mixed case, so that an upper-cased echo differs from the key; unique, to grep for.
-CANARY = "sk-CanaryQ7xW2mZp9RtVb4Kc8NdLs3HyJf6GaUe1"
+CANARY = "test-CanaryQ7xW2mZp9RtVb4Kc8NdLs3HyJf6GaUe1"  # not sk-: scanners
 #: The canary's 8-character prefix: found in any file, some part of the key leaked.
 PREFIX = CANARY[:8].lower()
 
