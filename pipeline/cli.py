@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from pipeline import __version__
-from pipeline.errors import Interrupted, JobError, PipelineError
+from pipeline.errors import Interrupted, JobError, PipelineError, RowProblem
 from pipeline.journal import Journal
 from pipeline.output import check_replaceable, recorded_output
 from pipeline.plan import (
@@ -231,7 +231,7 @@ def _show_rows(plan: Plan, shown: int) -> None:
                 click.echo(f"[file] {prompt.file}")
             item = plan.endpoint.item(prompt)  # a file that cannot be read fails here
             click.echo(f"(about {item.tokens:,} prompt tokens)")
-        except Exception as exc:  # a row-level render failure is shown, not raised
+        except RowProblem as exc:  # a row that would fail is shown, not raised
             click.echo(f"(this row would fail: {exc})")
 
 

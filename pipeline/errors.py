@@ -1,4 +1,4 @@
-"""Every error `pipeline` raises or records, in two families.
+"""Every error `pipeline` raises or records, in two families, and the row problems between.
 
 Failures of the run are exceptions; they stop the job and map to an exit code:
 
@@ -39,6 +39,15 @@ never a match on a message:
     │       └── AnswerFiltered            the content filter withheld the answer
     └── Fatal                     halt the run at the first one (401, 402, 403, 404, quota,
                                   a TLS certificate the client cannot trust)
+
+A row that cannot become a request raises a `RowProblem` while it is rendered or built;
+the one place that prepares rows catches it (`except RowProblem`) and records the row
+as failed with `RowRejected`, before anything is sent:
+
+    RowProblem                    this row cannot become a request (a missing image file)
+    ├── NullValue                     a column the template uses is null; nulls = "fail"
+    └── RenderFailed                  the template raised for this row
+        └── RenderLimit                   past the render time or size limit
 
 `outage` marks failures that say the server as a whole is not serving (it cannot be
 reached, or what answers is not the API): dispatch halts the run on a run of them with
@@ -244,3 +253,23 @@ class AnswerFiltered(ResponseInvalid):
 class Fatal(RequestFailure):
     kind = "fatal"
     maybe_billed = False
+
+
+class RowProblem(ValueError):
+    """This row cannot become a request (a missing image file, say): the row fails."""
+
+
+class NullValue(RowProblem):
+    """A column the template uses is null in this row, and the job says fail."""
+
+    def __init__(self, column: str) -> None:
+        super().__init__(f'column `{column}` is null in this row (template.nulls = "fail")')
+        self.column = column
+
+
+class RenderFailed(RowProblem):
+    """The template raised for this row (a filter on a bad value, say)."""
+
+
+class RenderLimit(RenderFailed):
+    """The template ran past the render time or size limit on this row."""

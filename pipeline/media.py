@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.errors import RowProblem
+
 #: Servers take images up to this size (OpenAI: 50 MB per request, 20 MB per image).
 MAX_IMAGE_BYTES = 20 * 2**20
 #: The size assumed for a remote image, whose size is unknown without fetching it:
@@ -55,20 +57,12 @@ def load_image(reference: str, base_dir: Path) -> ImageRef:
     try:
         raw = path.read_bytes() if path.stat().st_size <= MAX_IMAGE_BYTES else None
     except OSError as exc:
-        raise _problem(f"cannot read the image {path}: {exc.strerror or exc}") from None
+        raise RowProblem(f"cannot read the image {path}: {exc.strerror or exc}") from None
     if raw is None:
-        raise _problem(f"the image {path} is over {MAX_IMAGE_BYTES // 2**20} MB")
+        raise RowProblem(f"the image {path} is over {MAX_IMAGE_BYTES // 2**20} MB")
     size, media_type = _inspect(raw, path)
     data = base64.b64encode(raw).decode()
     return ImageRef(f"data:{media_type};base64,{data}", media_type, size, data)
-
-
-def _problem(message: str) -> ValueError:
-    """The RowProblem to raise: imported here, since pipeline.endpoints imports this
-    module and a top-level import would make `import pipeline.media` circular."""
-    from pipeline.endpoints.base import RowProblem
-
-    return RowProblem(message)
 
 
 def load_images(
@@ -84,10 +78,10 @@ def _inspect(raw: bytes, path: Path) -> tuple[tuple[int, int], str]:
         with Image.open(io.BytesIO(raw)) as image:
             size, kind = image.size, image.format
     except (UnidentifiedImageError, OSError) as exc:
-        raise _problem(f"{path} is not an image Pillow can read: {exc}") from None
+        raise RowProblem(f"{path} is not an image Pillow can read: {exc}") from None
     media_type = Image.MIME.get(kind or "", None)
     if media_type not in ("image/png", "image/jpeg", "image/gif", "image/webp"):
-        raise _problem(f"{path} is {kind}; send PNG, JPEG, GIF or WebP")
+        raise RowProblem(f"{path} is {kind}; send PNG, JPEG, GIF or WebP")
     return size, media_type
 
 

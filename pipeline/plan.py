@@ -25,16 +25,15 @@ from pipeline.cost import Pricer, make_pricer
 from pipeline.endpoints import (
     Endpoint,
     Provider,
-    RowProblem,
     Usage,
     make_endpoint,
     make_provider,
 )
 from pipeline.endpoints.tools import ToolRunner
-from pipeline.errors import InputError, JobError, SpecError, TemplateError
+from pipeline.errors import InputError, JobError, RenderLimit, RowProblem, SpecError, TemplateError
 from pipeline.output import check_writable, output_format, result_columns
 from pipeline.parse import AnswerCheck, OutputShape, fields_dtype, strict_schema_problem
-from pipeline.render import NullValue, Renderer, RenderFailed, RenderLimit
+from pipeline.render import Renderer
 from pipeline.source import OTHER_SEPARATORS, ROW_INDEX, Source, open_source
 from pipeline.spec import (
     ANTHROPIC_BASE_URL,
@@ -552,7 +551,7 @@ def check_rows(plan: Plan) -> RowCheck:
             try:
                 tokens = plan.endpoint.item(plan.renderer.render(row)).tokens
                 problem = too_big.problem(prompt_tokens=tokens, request_tokens=tokens + out)
-            except (NullValue, RenderFailed, RowProblem) as exc:
+            except RowProblem as exc:
                 problem = str(exc)
                 limits += isinstance(exc, RenderLimit)
             if problem is not None:
@@ -600,7 +599,7 @@ def estimate(plan: Plan, done: Callable[[int, int], set[int]] | None = None) -> 
                 continue
             try:
                 tokens = plan.endpoint.item(plan.renderer.render(row)).tokens
-            except (NullValue, RenderFailed, RowProblem) as exc:
+            except RowProblem as exc:
                 rejected += 1
                 limits_hit += isinstance(exc, RenderLimit)
                 if limits_hit >= LIMIT_ROWS:  # each takes MAX_RENDER_S: do not grind on

@@ -33,7 +33,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
-from pipeline.errors import TemplateError
+from pipeline.errors import NullValue, RenderFailed, RenderLimit, TemplateError
 from pipeline.spec import TemplateSpec
 
 
@@ -47,22 +47,6 @@ class Prompt:
     images: tuple[str, ...] = ()
     #: A local file to upload (audio transcription).
     file: str | None = None
-
-
-class NullValue(Exception):
-    """A column the template uses is null in this row, and the job says fail."""
-
-    def __init__(self, column: str) -> None:
-        super().__init__(f'column `{column}` is null in this row (template.nulls = "fail")')
-        self.column = column
-
-
-class RenderFailed(Exception):
-    """The template raised for this row (a filter on a bad value, say)."""
-
-
-class RenderLimit(RenderFailed):
-    """The template ran past the render time or size limit on this row."""
 
 
 #: A rendered row longer than this is a runaway template, not a prompt: the largest

@@ -31,7 +31,7 @@ import polars as pl
 from pipeline import __version__
 from pipeline.bounds import RowBounds
 from pipeline.dispatch import Dispatcher, Outcome, RetryPolicy, Work, rejected
-from pipeline.endpoints import Answer, Endpoint, HttpRequest, RowProblem, Usage
+from pipeline.endpoints import Answer, Endpoint, HttpRequest, Usage
 from pipeline.endpoints.base import JSON
 from pipeline.endpoints.tools import ToolRunner
 from pipeline.errors import (
@@ -43,6 +43,8 @@ from pipeline.errors import (
     OutputRefused,
     PipelineError,
     PromptTooLarge,
+    RenderLimit,
+    RowProblem,
     RowRejected,
 )
 from pipeline.journal import Journal, Totals
@@ -62,7 +64,6 @@ from pipeline.plan import BATCH_ROWS, LIMIT_ROWS, Plan, estimate, fingerprint, l
 from pipeline.preflight import check_server
 from pipeline.progress import Counters, Display
 from pipeline.redact import redact, redact_result
-from pipeline.render import NullValue, RenderFailed, RenderLimit
 from pipeline.signals import Signals, stopped
 from pipeline.source import ROW_INDEX
 from pipeline.spec import Job, digest
@@ -298,7 +299,7 @@ class Runner:
                 continue
             try:
                 item = endpoint.item(renderer.render(row))
-            except (NullValue, RenderFailed, RowProblem) as exc:
+            except RowProblem as exc:
                 ready.append(rejected(index, RowRejected(str(exc))))
                 self._runaway = self._runaway + 1 if isinstance(exc, RenderLimit) else 0
                 if self._runaway >= LIMIT_ROWS:

@@ -36,12 +36,19 @@ from pipeline.endpoints import (
     HttpRequest,
     HttpResponse,
     Prompt,
-    RowProblem,
     Usage,
     make_endpoint,
     make_provider,
 )
-from pipeline.errors import Fatal, RateLimited, RequestFailure, RowFailed, ServerError, SpecError
+from pipeline.errors import (
+    Fatal,
+    RateLimited,
+    RequestFailure,
+    RowFailed,
+    RowProblem,
+    ServerError,
+    SpecError,
+)
 from pipeline.limits import Limiter, parse_timestamp
 from pipeline.media import anthropic_image_tokens
 from pipeline.parse import AnswerCheck

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.errors import TemplateError
-from pipeline.render import NullValue, Renderer, RenderFailed
+from pipeline.errors import NullValue, RenderFailed, TemplateError
+from pipeline.render import Renderer
 from pipeline.spec import TemplateSpec
 from pipeline.tokens import bytes_over_four, estimate_tokens
 

@@ -16,7 +16,6 @@ from pipeline.endpoints.base import (
     HttpResponse,
     Item,
     Prompt,
-    RowProblem,
     Usage,
 )
 from pipeline.endpoints.chat import ChatCompletions
@@ -39,7 +38,6 @@ __all__ = [
     "Prompt",
     "Provider",
     "Responses",
-    "RowProblem",
     "Usage",
     "make_endpoint",
     "make_provider",

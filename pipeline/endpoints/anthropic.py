@@ -47,11 +47,10 @@ from pipeline.endpoints.base import (
     Endpoint,
     Item,
     Prompt,
-    RowProblem,
     Usage,
     definition_tokens,
 )
-from pipeline.errors import SpecError
+from pipeline.errors import RowProblem, SpecError
 from pipeline.media import anthropic_image_tokens, load_image
 from pipeline.spec import RequestSpec, ToolSpec
 from pipeline.tokens import TextCounter, estimate_tokens

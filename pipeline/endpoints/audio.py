@@ -30,8 +30,8 @@ from typing import Any
 
 import orjson
 
-from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, RowProblem, Usage
-from pipeline.errors import SpecError
+from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, Usage
+from pipeline.errors import RowProblem, SpecError
 from pipeline.spec import RequestSpec, TemplateSpec
 
 #: OpenAI refuses uploads over 25 MB ("Maximum content size limit (26214400) exceeded").

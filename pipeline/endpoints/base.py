@@ -99,10 +99,6 @@ class Item:
     key: bytes
 
 
-class RowProblem(ValueError):
-    """This row cannot become a request (a missing image file, say): the row fails."""
-
-
 class Endpoint(ABC):
     #: The path under the base URL, e.g. "/chat/completions".
     path: str

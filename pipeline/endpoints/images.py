@@ -24,8 +24,8 @@ from typing import Any
 
 import orjson
 
-from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, RowProblem, Usage
-from pipeline.errors import SpecError
+from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, Usage
+from pipeline.errors import RowProblem, SpecError
 from pipeline.spec import RequestSpec, TemplateSpec
 
 #: Prompt length limits in characters, by model family (CreateImageRequest.prompt).
