@@ -26,8 +26,8 @@ import polars as pl
 from simproc import simulator
 
 from pipeline.journal import Journal
-from pipeline.parse import RowResult
 from pipeline.plan import Plan, RunOptions, fingerprint, make_plan
+from pipeline.records import RowResult
 from pipeline.run import Runner
 from pipeline.spec import load_job
 from pipeline.transport import AiohttpTransport

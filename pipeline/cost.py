@@ -20,8 +20,8 @@ import genai_prices
 from genai_prices import Usage as PriceUsage
 from genai_prices import calc_price
 
-from pipeline.endpoints import Usage
 from pipeline.errors import SpecError
+from pipeline.records import Usage
 from pipeline.spec import PriceSpec
 
 _PER_TOKEN = 1e-6  # prices are per million tokens

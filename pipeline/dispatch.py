@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from pipeline.endpoints import Answer, Endpoint, HttpRequest, HttpResponse, Usage
+from pipeline.endpoints import Endpoint
 from pipeline.errors import (
     Fatal,
     Halted,
@@ -36,6 +36,7 @@ from pipeline.errors import (
 )
 from pipeline.faults import FaultWatch
 from pipeline.limits import Limiter
+from pipeline.records import Answer, HttpRequest, HttpResponse, Outcome, Usage, Work
 from pipeline.transport import Transport, classify
 
 #: When this many rows in a row fail with the same client error, the job is wrong, not
@@ -44,34 +45,6 @@ SAME_ERROR_HALT = 25
 #: 429s a row may meet (each followed by the server's wait) before it counts them as
 #: attempts: generous, since they cost nothing, but bounded.
 MAX_RATE_LIMITED = 50
-
-
-@dataclass(slots=True)
-class Work:
-    """One request: one row, or several for endpoints that batch (embeddings)."""
-
-    rows: tuple[int, ...]
-    request: HttpRequest
-    #: Estimated cost against the TPM limit: prompt tokens plus max output tokens.
-    tokens: int
-    #: Each row's request hash (64 bits): the journal's key for identical requests.
-    digests: tuple[int, ...] = (0,)
-    #: Each row's estimated prompt tokens: a batch's usage is shared by these.
-    weights: tuple[int, ...] = (0,)
-    #: What the request was encoded from (a tool loop builds the next one from it).
-    payload: Any = None
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What came of one request: an answer per row, or a failure for all its rows."""
-
-    work: Work
-    answers: list[Answer] | None
-    failure: RequestFailure | None
-    attempts: int
-    http_status: int | None = None
-    latency_ms: float | None = None
 
 
 def rejected(row: int, failure: RequestFailure, digest: int = 0) -> Outcome:

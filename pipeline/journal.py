@@ -38,7 +38,8 @@ import polars as pl
 
 from pipeline import __version__
 from pipeline.errors import CheckpointError, JobError, OutputError, OutputRefused
-from pipeline.parse import RESULT_SCHEMA, RowResult
+from pipeline.parse import RESULT_SCHEMA
+from pipeline.records import RowResult
 
 #: Stored beside RESULT_SCHEMA's columns, written to the output only for some jobs.
 _OPTIONAL = {"tool_calls": pl.String()}

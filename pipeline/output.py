@@ -36,7 +36,7 @@ from pipeline.errors import (
 )
 from pipeline.journal import Journal
 from pipeline.parse import RESULT_SCHEMA, OutputShape
-from pipeline.source import ROW_INDEX
+from pipeline.records import ROW_INDEX
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 #: Ends the name of a file being written (`.out.parquet.<pid>.pipeline-tmp`): a run

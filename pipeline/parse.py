@@ -19,12 +19,11 @@ import orjson
 import polars as pl
 from jsonschema import Draft202012Validator
 
-from pipeline.endpoints import Answer, Usage
 from pipeline.errors import AnswerFiltered, ResponseInvalid
+from pipeline.records import Answer, Outcome, RowResult, Usage
 
 if TYPE_CHECKING:
     from pipeline.cost import Pricer
-    from pipeline.dispatch import Outcome
 
 #: The result columns every output has, after the input columns, with their types.
 RESULT_SCHEMA: dict[str, pl.DataType] = {
@@ -46,33 +45,6 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
 }
 #: Where a JSON answer's fields go, between `response` and the usage columns.
 FIELDS_AFTER = "response"
-
-
-@dataclass(slots=True)
-class RowResult:
-    """One row's result, as stored and as written to the output."""
-
-    row: int
-    #: The request body's sha256, first 64 bits as a signed integer: identical
-    #: requests share it (an integer keeps the journal's index small and fast).
-    request_hash: int | None
-    status: str
-    error_type: str | None = None
-    error: str | None = None
-    http_status: int | None = None
-    attempts: int = 0
-    finish_reason: str | None = None
-    response: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    cost_usd: float | None = None
-    latency_ms: float | None = None
-    request_id: str | None = None
-    model: str | None = None
-    #: The model's tool calls, as JSON: [{"id", "name", "arguments"}].
-    tool_calls: str | None = None
 
 
 @dataclass(frozen=True)

@@ -22,19 +22,14 @@ from jsonschema.exceptions import SchemaError
 
 from pipeline.bounds import RowBounds
 from pipeline.cost import Pricer, make_pricer
-from pipeline.endpoints import (
-    Endpoint,
-    Provider,
-    Usage,
-    make_endpoint,
-    make_provider,
-)
+from pipeline.endpoints import Endpoint, Provider, make_endpoint, make_provider
 from pipeline.endpoints.tools import ToolRunner
 from pipeline.errors import InputError, JobError, RenderLimit, RowProblem, SpecError, TemplateError
 from pipeline.output import check_writable, output_format, result_columns
 from pipeline.parse import AnswerCheck, OutputShape, fields_dtype, strict_schema_problem
+from pipeline.records import ROW_INDEX, Usage
 from pipeline.render import Renderer
-from pipeline.source import OTHER_SEPARATORS, ROW_INDEX, Source, open_source
+from pipeline.source import OTHER_SEPARATORS, Source, open_source
 from pipeline.spec import (
     ANTHROPIC_BASE_URL,
     BASE_URL_ENV,

@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
-from pipeline.endpoints import Endpoint, HttpRequest, Provider
+from pipeline.endpoints import Endpoint, Provider
 from pipeline.errors import Fatal, Halted, NoAnswer, NotAnApi, RequestFailure
+from pipeline.records import HttpRequest
 from pipeline.transport import Transport, classify
 
 #: Long enough for a loaded server to list its models, short enough that a server that

@@ -16,10 +16,9 @@ import dataclasses
 import functools
 import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # spec.py imports this module; parse.py imports spec.py
-    from pipeline.parse import RowResult
+from pipeline.records import RowResult
 
 REDACTED = "[redacted]"
 #: The shortest prefix of a key that is redacted. Servers echo 8 or more characters

@@ -24,7 +24,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta, nodes
@@ -34,20 +33,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
 from pipeline.errors import NullValue, RenderFailed, RenderLimit, TemplateError
+from pipeline.records import Prompt
 from pipeline.spec import TemplateSpec
-
-
-@dataclass(frozen=True, slots=True)
-class Prompt:
-    """One row, rendered: what an endpoint builds its part of a request from."""
-
-    #: {"role": ..., "content": str}, in order.
-    messages: list[dict[str, Any]]
-    #: Image references (URL, data URL or local path) for the last user message.
-    images: tuple[str, ...] = ()
-    #: A local file to upload (audio transcription).
-    file: str | None = None
-
 
 #: A rendered row longer than this is a runaway template, not a prompt: the largest
 #: context windows (a million tokens) hold about four million characters.

@@ -30,8 +30,8 @@ import polars as pl
 
 from pipeline import __version__
 from pipeline.bounds import RowBounds
-from pipeline.dispatch import Dispatcher, Outcome, RetryPolicy, Work, rejected
-from pipeline.endpoints import Answer, Endpoint, HttpRequest, Usage
+from pipeline.dispatch import Dispatcher, RetryPolicy, rejected
+from pipeline.endpoints import Endpoint
 from pipeline.endpoints.base import JSON
 from pipeline.endpoints.tools import ToolRunner
 from pipeline.errors import (
@@ -59,13 +59,13 @@ from pipeline.output import (
     write_bytes_atomic,
     write_output,
 )
-from pipeline.parse import RowResult, to_results
+from pipeline.parse import to_results
 from pipeline.plan import BATCH_ROWS, LIMIT_ROWS, Plan, estimate, fingerprint, limited
 from pipeline.preflight import check_server
 from pipeline.progress import Counters, Display
+from pipeline.records import ROW_INDEX, Answer, HttpRequest, Outcome, RowResult, Usage, Work
 from pipeline.redact import redact, redact_result
 from pipeline.signals import Signals, stopped
-from pipeline.source import ROW_INDEX
 from pipeline.spec import Job, digest
 from pipeline.transport import AiohttpTransport, env_proxy
 

@@ -35,13 +35,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.records import ROW_INDEX
 
 if TYPE_CHECKING:
     from _csv import Reader as CsvReader
 
 _T = TypeVar("_T")
-
-ROW_INDEX = "__row"
 
 Format = Literal["csv", "parquet", "ndjson"]
 FORMATS: tuple[Format, ...] = get_args(Format)

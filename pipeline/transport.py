@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from pipeline.endpoints import Endpoint, HttpRequest, HttpResponse
+from pipeline.endpoints import Endpoint
 from pipeline.errors import (
     ConnectFailed,
     Fatal,
@@ -36,6 +36,7 @@ from pipeline.errors import (
     ServerError,
 )
 from pipeline.limits import retry_after
+from pipeline.records import HttpRequest, HttpResponse
 from pipeline.trust import is_loopback
 
 #: A wait longer than this on a 429 is a quota, not a rate: halt instead of sleeping.

@@ -29,17 +29,8 @@ from multidict import CIMultiDict
 from PIL import Image
 
 from pipeline.cost import make_pricer
-from pipeline.dispatch import Dispatcher, RetryPolicy, Work
-from pipeline.endpoints import (
-    AnthropicMessages,
-    Endpoint,
-    HttpRequest,
-    HttpResponse,
-    Prompt,
-    Usage,
-    make_endpoint,
-    make_provider,
-)
+from pipeline.dispatch import Dispatcher, RetryPolicy
+from pipeline.endpoints import AnthropicMessages, Endpoint, make_endpoint, make_provider
 from pipeline.errors import (
     Fatal,
     RateLimited,
@@ -52,6 +43,7 @@ from pipeline.errors import (
 from pipeline.limits import Limiter, parse_timestamp
 from pipeline.media import anthropic_image_tokens
 from pipeline.parse import AnswerCheck
+from pipeline.records import HttpRequest, HttpResponse, Prompt, Usage, Work
 from pipeline.simulator import SimConfig, running_in_thread
 from pipeline.spec import RequestSpec, TemplateSpec, ToolSpec
 from pipeline.transport import AiohttpTransport, classify

@@ -23,7 +23,8 @@ from PIL import Image
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from pipeline.endpoints import Answer, Endpoint, Prompt, Usage, make_endpoint
+from pipeline.endpoints import Endpoint, make_endpoint
+from pipeline.records import Answer, Prompt, Usage
 from pipeline.simulator import SimConfig, running_in_thread
 from pipeline.spec import RequestSpec, TemplateSpec
 

@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.cost import make_pricer
-from pipeline.endpoints import Usage
 from pipeline.errors import SpecError
+from pipeline.records import Usage
 from pipeline.spec import PriceSpec
 
 

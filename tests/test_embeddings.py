@@ -12,7 +12,7 @@ import pytest
 from conftest import Server, invoke, read_output, run_job, spawn_run, write_job
 
 from pipeline.cost import make_pricer
-from pipeline.endpoints import Usage
+from pipeline.records import Usage
 from pipeline.simulator import SimConfig, running_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]

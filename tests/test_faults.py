@@ -25,11 +25,12 @@ from aiohttp import web
 from conftest import THREAD_TIMEOUT_S, loop_in_thread, read_output, serving, serving_app, write_job
 from multidict import CIMultiDict
 
-from pipeline.dispatch import Dispatcher, Outcome, RetryPolicy, Work
-from pipeline.endpoints import ChatCompletions, HttpRequest, HttpResponse
+from pipeline.dispatch import Dispatcher, RetryPolicy
+from pipeline.endpoints import ChatCompletions
 from pipeline.errors import ConnectFailed, Fatal, NotAnApi, RequestFailure
 from pipeline.faults import FIRST_OUTAGES, RATE_LIMIT_HALT_S, RATE_LIMIT_PAUSE_MAX_S
 from pipeline.limits import Limiter
+from pipeline.records import HttpRequest, HttpResponse, Outcome, Work
 from pipeline.spec import RequestSpec
 from pipeline.transport import AiohttpTransport, classify, map_exception
 

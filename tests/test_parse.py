@@ -5,9 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from pipeline.endpoints import Answer, Usage
 from pipeline.errors import ResponseInvalid
 from pipeline.parse import AnswerCheck
+from pipeline.records import Answer, Usage
 
 SCHEMA = {
     "type": "object",

@@ -15,8 +15,9 @@ import polars as pl
 import pytest
 from conftest import Server, invoke, post_json, read_output, run_job, write_job
 
-from pipeline.endpoints import Endpoint, Prompt, make_endpoint
+from pipeline.endpoints import Endpoint, make_endpoint
 from pipeline.endpoints.tools import ToolRunner
+from pipeline.records import Prompt
 from pipeline.spec import RequestSpec, TemplateSpec
 
 ROOT = Path(__file__).resolve().parent.parent

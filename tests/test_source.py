@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from pipeline.errors import InputError
-from pipeline.source import ROW_INDEX, SCAN_BLOCK, Source, open_source
+from pipeline.records import ROW_INDEX
+from pipeline.source import SCAN_BLOCK, Source, open_source
 
 # A table that exercises quoting, non-ASCII text and nulls in every format.
 TABLE = pl.DataFrame(

@@ -9,7 +9,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from pipeline.endpoints import ChatCompletions, HttpResponse
+from pipeline.endpoints import ChatCompletions
 from pipeline.errors import (
     ConnectFailed,
     Fatal,
@@ -20,6 +20,7 @@ from pipeline.errors import (
     RowFailed,
     ServerError,
 )
+from pipeline.records import HttpResponse
 from pipeline.spec import RequestSpec
 from pipeline.transport import classify, env_proxy, map_exception
 

@@ -8,21 +8,13 @@ from urllib.parse import urlsplit
 
 from pipeline.endpoints.anthropic import AnthropicMessages
 from pipeline.endpoints.audio import AudioTranscriptions
-from pipeline.endpoints.base import (
-    Answer,
-    ApiError,
-    Endpoint,
-    HttpRequest,
-    HttpResponse,
-    Item,
-    Prompt,
-    Usage,
-)
+from pipeline.endpoints.base import ApiError, Endpoint, Item
 from pipeline.endpoints.chat import ChatCompletions
 from pipeline.endpoints.embeddings import Embeddings
 from pipeline.endpoints.images import ImageGenerations
 from pipeline.endpoints.providers import Provider, make_provider
 from pipeline.endpoints.responses import Responses
+from pipeline.records import Answer, HttpRequest, HttpResponse, Prompt, Usage
 from pipeline.spec import RequestSpec, TemplateSpec
 
 __all__ = [

@@ -42,16 +42,10 @@ from typing import Any
 
 import orjson
 
-from pipeline.endpoints.base import (
-    Answer,
-    Endpoint,
-    Item,
-    Prompt,
-    Usage,
-    definition_tokens,
-)
+from pipeline.endpoints.base import Endpoint, Item, definition_tokens
 from pipeline.errors import RowProblem, SpecError
 from pipeline.media import anthropic_image_tokens, load_image
+from pipeline.records import Answer, Prompt, Usage
 from pipeline.spec import RequestSpec, ToolSpec
 from pipeline.tokens import TextCounter, estimate_tokens
 

@@ -30,8 +30,9 @@ from typing import Any
 
 import orjson
 
-from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, Usage
+from pipeline.endpoints.base import Endpoint, Item
 from pipeline.errors import RowProblem, SpecError
+from pipeline.records import Answer, Prompt, Usage
 from pipeline.spec import RequestSpec, TemplateSpec
 
 #: OpenAI refuses uploads over 25 MB ("Maximum content size limit (26214400) exceeded").

@@ -17,64 +17,18 @@ import functools
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from pipeline.render import Prompt as Prompt
+from pipeline.records import Answer, Usage
+from pipeline.records import Prompt as Prompt
 from pipeline.spec import RequestSpec
 from pipeline.tokens import TextCounter, text_counter
 
 JSON = "application/json"
-
-
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
-    method: str
-    url: str
-    headers: Mapping[str, str]
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class HttpResponse:
-    status: int
-    #: Case-insensitive in practice (aiohttp's CIMultiDictProxy); look up lower-case names.
-    headers: Mapping[str, str]
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    #: Part of prompt_tokens served from the provider's prompt cache (cheaper).
-    cached_tokens: int = 0
-    #: Part of completion_tokens spent on hidden reasoning.
-    reasoning_tokens: int = 0
-    #: Part of prompt_tokens written to Anthropic's prompt cache (dearer).
-    cache_write_tokens: int = 0
-    #: Part of prompt_tokens that is audio (transcription models price it apart).
-    audio_tokens: int = 0
-    #: Seconds of audio, for models billed by duration (whisper-1).
-    audio_seconds: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """What one row's successful answer carries, before job-specific parsing."""
-
-    text: str | None
-    finish_reason: str | None
-    usage: Usage
-    request_id: str | None
-    model: str | None
-    #: Endpoint-specific extras (tool calls, refusals), JSON-serialisable.
-    extra: Mapping[str, Any] = field(default_factory=dict)
-    #: Files the answer carries (a generated image): written beside the output.
-    data: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,10 @@ from typing import Any
 
 import orjson
 
-from pipeline.endpoints.base import JSON, Answer, Endpoint, Item, Prompt, split_usage
+from pipeline.endpoints.base import JSON, Endpoint, Item, split_usage
 from pipeline.endpoints.chat import _usage
 from pipeline.errors import Fatal, RowProblem
+from pipeline.records import Answer, Prompt
 from pipeline.spec import RequestSpec
 
 #: Under OpenAI's 300,000 tokens per request, with room for the estimate's error.

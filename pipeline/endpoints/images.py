@@ -24,8 +24,9 @@ from typing import Any
 
 import orjson
 
-from pipeline.endpoints.base import Answer, Endpoint, Item, Prompt, Usage
+from pipeline.endpoints.base import Endpoint, Item
 from pipeline.errors import RowProblem, SpecError
+from pipeline.records import Answer, Prompt, Usage
 from pipeline.spec import RequestSpec, TemplateSpec
 
 #: Prompt length limits in characters, by model family (CreateImageRequest.prompt).

@@ -31,18 +31,11 @@ from typing import Any
 
 import orjson
 
-from pipeline.endpoints.base import (
-    Answer,
-    Endpoint,
-    Item,
-    Prompt,
-    Usage,
-    definition_tokens,
-    with_image_parts,
-)
+from pipeline.endpoints.base import Endpoint, Item, definition_tokens, with_image_parts
 from pipeline.endpoints.chat import DEFAULT_MAX_OUTPUT_TOKENS
 from pipeline.errors import AnswerFiltered, ReadFailed, ResponseInvalid, SpecError
 from pipeline.media import load_images
+from pipeline.records import Answer, Prompt, Usage
 from pipeline.spec import RequestSpec, ToolSpec
 from pipeline.tokens import estimate_tokens
 
