@@ -534,31 +534,59 @@ class RowCheck:
     stopped: str | None = None
 
 
-def check_rows(plan: Plan) -> RowCheck:
-    """Render every row (up to --limit) and count those that would fail. Sends nothing."""
-    rows = failing = limits = 0
-    first: list[tuple[int, str]] = []
+class _Runaway(Exception):
+    """LIMIT_ROWS rows ran past the render limits: the template loops whatever the row."""
+
+    def __init__(self, count: int, last: str) -> None:
+        super().__init__(last)
+        self.count = count
+
+
+def _sized_rows(
+    plan: Plan, done: Callable[[int, int], set[int]] | None = None
+) -> Iterator[tuple[int, int, str | None]]:
+    """Each row (up to --limit, less those `done(first, last)` holds) made into its part
+    of a request as a run makes it, sending nothing: (row, prompt tokens, why it would
+    fail or None). Raises _Runaway once LIMIT_ROWS rows ran past the render limits,
+    since each of those takes MAX_RENDER_S to find out."""
     too_big = RowBounds.for_job(plan.job)
     out = plan.endpoint.max_output_tokens()
+    limits = 0
     for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
+        index = batch.get_column(ROW_INDEX)
+        skip = done(int(index.min()), int(index.max())) if done and batch.height else set()  # type: ignore[arg-type]
         for row in batch.iter_rows(named=True):
-            rows += 1
+            if row[ROW_INDEX] in skip:
+                continue
             try:
                 tokens = plan.endpoint.item(plan.renderer.render(row)).tokens
-                problem = too_big.problem(prompt_tokens=tokens, request_tokens=tokens + out)
             except RowProblem as exc:
-                problem = str(exc)
+                yield row[ROW_INDEX], 0, str(exc)
                 limits += isinstance(exc, RenderLimit)
+                if limits >= LIMIT_ROWS:
+                    raise _Runaway(limits, str(exc)) from None
+                continue
+            problem = too_big.problem(prompt_tokens=tokens, request_tokens=tokens + out)
+            yield row[ROW_INDEX], tokens, problem
+
+
+def check_rows(plan: Plan) -> RowCheck:
+    """Render every row (up to --limit) and count those that would fail. Sends nothing."""
+    rows = failing = 0
+    first: list[tuple[int, str]] = []
+    try:
+        for index, _, problem in _sized_rows(plan):
+            rows += 1
             if problem is not None:
                 failing += 1
                 if len(first) < FAILING_SHOWN:
-                    first.append((row[ROW_INDEX], " ".join(problem.split())))
-                if limits >= LIMIT_ROWS:
-                    stopped = (
-                        f"stopped after {rows:,} of {plan.rows:,} rows: {limits} rows ran past "
-                        "the render limits, so the template is what to fix"
-                    )
-                    return RowCheck(rows, failing, first, stopped)
+                    first.append((index, " ".join(problem.split())))
+    except _Runaway as stop:
+        stopped = (
+            f"stopped after {rows:,} of {plan.rows:,} rows: {stop.count} rows ran past "
+            "the render limits, so the template is what to fix"
+        )
+        return RowCheck(rows, failing, first, stopped)
     return RowCheck(rows, failing, first)
 
 
@@ -583,31 +611,20 @@ def estimate(plan: Plan, done: Callable[[int, int], set[int]] | None = None) -> 
 
     `done(first, last)`: the rows in [first, last] a checkpoint already holds, left out.
     """
-    rows = rejected = prompt = limits_hit = 0
-    too_big = RowBounds.for_job(plan.job)
-    out = plan.endpoint.max_output_tokens()
-    for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
-        index = batch.get_column(ROW_INDEX)
-        skip = done(int(index.min()), int(index.max())) if done and batch.height else set()  # type: ignore[arg-type]
-        for row in batch.iter_rows(named=True):
-            if row[ROW_INDEX] in skip:
-                continue
-            try:
-                tokens = plan.endpoint.item(plan.renderer.render(row)).tokens
-            except RowProblem as exc:
+    rows = rejected = prompt = 0
+    try:
+        for _, tokens, problem in _sized_rows(plan, done):
+            if problem is not None:  # fails before sending: a template error, too big
                 rejected += 1
-                limits_hit += isinstance(exc, RenderLimit)
-                if limits_hit >= LIMIT_ROWS:  # each takes MAX_RENDER_S: do not grind on
-                    raise TemplateError(
-                        f"{limits_hit} rows ran past the render limits, so the template is "
-                        f"what to fix ({exc}); `pipeline validate` shows the rows"
-                    ) from None
-                continue
-            if too_big.problem(prompt_tokens=tokens, request_tokens=tokens + out):
-                rejected += 1  # too big to send: it fails before sending
                 continue
             prompt += tokens
             rows += 1
+    except _Runaway as stop:
+        raise TemplateError(
+            f"{stop.count} rows ran past the render limits, so the template is what to fix "
+            f"({stop}); `pipeline validate` shows the rows"
+        ) from None
+    out = plan.endpoint.max_output_tokens()
     completion = rows * out
     limits = plan.job.limits
     requests = -(-rows // plan.endpoint.batch_rows)
