@@ -3,7 +3,7 @@
     make bench          # or: .venv/bin/python bench/journal.py
 
 Starts `pipeline simulate` as its own process (20 ms latency, no rate limits), then runs
-the same 20,000-row job in this process through `Runner`, alternately with the journal
+the same 20,000-row job in this process through `run.send_all`, alternately with the journal
 as it is and with a journal whose writes do nothing, three times each, and prints the
 medians. Client CPU is `time.process_time()` around the dispatch (every thread of this
 process, the journal writer's included); the simulator's CPU is not in it.
@@ -28,9 +28,8 @@ from simproc import simulator
 from pipeline.journal import Journal
 from pipeline.plan import Plan, RunOptions, fingerprint, make_plan
 from pipeline.records import RowResult
-from pipeline.run import Runner
+from pipeline.run import send_all
 from pipeline.spec import load_job
-from pipeline.transport import AiohttpTransport
 
 ROWS = 20_000
 CONCURRENCY = 64
@@ -130,20 +129,15 @@ def measure(plan: Plan, journal_type: type[Journal], path: Path, base_url: str) 
 
 
 async def _dispatch(plan: Plan, journal: Journal, base_url: str) -> Sample:
-    runner = Runner(plan, journal, base_url, journal.totals())
-    request = plan.job.request
-    transport = AiohttpTransport(
-        timeout_s=request.timeout_s, connect_timeout_s=request.connect_timeout_s
-    )
+    earlier = journal.totals()
     # Progress lines go nowhere: the table below is the report.
     with contextlib.redirect_stderr(io.StringIO()):
         wall, cpu = time.perf_counter(), time.process_time()
-        async with transport:
-            dispatcher = await runner.run(transport)
+        sent = await send_all(plan, journal, base_url, earlier)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    if dispatcher.stop_reason is not None or runner.counters.ok != ROWS:
-        raise RuntimeError(f"{runner.counters.ok:,} rows ok: {dispatcher.stop_reason}")
-    return Sample(dispatcher.stats.sent, wall, cpu)
+    if sent.stop.reason is not None or sent.counters.ok != ROWS:
+        raise RuntimeError(f"{sent.counters.ok:,} rows ok: {sent.stop.reason}")
+    return Sample(sent.stats.sent, wall, cpu)
 
 
 def median(samples: list[Sample]) -> Sample:

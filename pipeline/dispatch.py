@@ -1,25 +1,24 @@
-"""A fixed pool of workers sends requests under the limits and retries what deserves it.
+"""The retry loop: one request sent under the limits, and tried again while that may help.
 
     dispatcher = Dispatcher(transport, endpoint, limiter, RetryPolicy(max_attempts=6), check)
-    async with asyncio.TaskGroup() as tg:
-        for _ in range(concurrency):
-            tg.create_task(dispatcher.worker(inbox, outbox))
+    outcome = await dispatcher.send(work)     # an Outcome, or None if the run stopped
 
-Workers pull `Work` from a bounded queue (a full queue is the producer's backpressure)
-and push one `Outcome` per row. A failed row is an Outcome, not an exception. A failure
-of the run (auth, quota, a stop asked for) sets `stopped`: workers finish the attempt in
-hand, leave the rest unsent (pending, for a later resume) and drain their queue.
+`send` is the whole life of one request: wait for the limiter, record the rows as sent
+(`recorder`, the journal's writer), send, classify, and back off and retry what deserves
+it. A failed row is an Outcome, not an exception. A failure of the run (auth, quota, a
+halt) asks `stop`: the attempt in hand finishes, nothing else is sent, and a row that
+was recorded but could not have been billed is forgotten. Who calls `send` is above it:
+the online engine's workers (online.py), the tool loop (tool_loop.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import orjson
 
@@ -36,7 +35,7 @@ from pipeline.errors import (
 )
 from pipeline.faults import FaultWatch
 from pipeline.limits import Limiter
-from pipeline.records import Answer, HttpRequest, HttpResponse, Outcome, Usage, Work
+from pipeline.records import Answer, HttpResponse, Outcome, Stop, Work
 from pipeline.transport import Transport, classify
 
 #: When this many rows in a row fail with the same client error, the job is wrong, not
@@ -47,38 +46,14 @@ SAME_ERROR_HALT = 25
 MAX_RATE_LIMITED = 50
 
 
-def rejected(row: int, failure: RequestFailure, digest: int = 0) -> Outcome:
-    """The outcome of a row that failed before any request was sent."""
-    work = Work((row,), _NOT_SENT, 0, (digest,))
-    return Outcome(work, None, failure, attempts=0)
+class Recorder(Protocol):
+    """Where a request's rows are recorded as sent (the journal's writer)."""
 
+    async def sending(self, work: Work, /) -> None:
+        """Returns once the rows are durably recorded as sent."""
 
-_NOT_SENT = HttpRequest("POST", "", {}, b"")
-
-
-class ToolLoop(Protocol):
-    """Runs a tool-calling answer's calls and builds the request that sends the results."""
-
-    max_rounds: int
-
-    def next_work(self, work: Work, answer: Answer) -> tuple[Work, list[dict[str, Any]]]:
-        """The next request, and the calls made with their results."""
-        ...
-
-
-def _with_usage(answer: Answer, earlier: Usage) -> Answer:
-    """The answer with the usage of the tool loop's earlier rounds added: all was billed."""
-    total = {
-        f.name: getattr(answer.usage, f.name) + getattr(earlier, f.name)
-        for f in dataclasses.fields(Usage)
-    }
-    return dataclasses.replace(answer, usage=Usage(**total))
-
-
-class Sink(Protocol):
-    """Where workers put outcomes: any queue that takes them."""
-
-    async def put(self, item: Outcome, /) -> None: ...
+    async def not_sent(self, work: Work, /) -> None:
+        """The rows recorded as sent were not: the run stopped before any attempt."""
 
 
 @dataclass(frozen=True)
@@ -123,9 +98,8 @@ class Dispatcher:
         policy: RetryPolicy,
         check: Callable[[Answer], Answer],
         *,
-        tools: ToolLoop | None = None,
-        before_send: Callable[[Work], Awaitable[None]] | None = None,
-        not_sent: Callable[[Work], Awaitable[None]] | None = None,
+        recorder: Recorder | None = None,
+        stop: Stop | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -135,13 +109,11 @@ class Dispatcher:
         self._limiter = limiter
         self._policy = policy
         self._check = check
-        self._tools = tools
-        #: Awaited before a row's first attempt, once the limiter lets it go: the
-        #: journal records it as sent.
-        self._before_send = before_send
-        #: Awaited for a recorded row that the run stopped (a halt, Ctrl-C) before any
-        #: attempt could have been billed: the journal forgets that it was sent.
-        self._not_sent = not_sent
+        #: Told of a row before its first attempt, once the limiter lets it go, and of a
+        #: recorded row that the run stopped (a halt, Ctrl-C) before it could be billed.
+        self._recorder = recorder
+        #: The run's stop, shared with the other stages; the dispatcher may ask for it.
+        self.run_stop = stop if stop is not None else Stop()
         #: Requests sent and not answered yet: what a drain that times out abandons.
         self.in_flight = 0
         self._sleep = sleep
@@ -150,33 +122,28 @@ class Dispatcher:
         #: Faults that will not clear (an unreachable server, a 429 storm) stop the run.
         self.faults = FaultWatch(clock)
         self.stats = DispatchStats()
-        #: Why the run stopped early, if it did.
-        self.stop_reason: PipelineError | None = None
 
     @property
     def stopped(self) -> bool:
-        return self.stop_reason is not None
+        return self.run_stop.stopped
+
+    @property
+    def stop_reason(self) -> PipelineError | None:
+        """Why the run stopped early, if it did."""
+        return self.run_stop.reason
 
     def stop(self, reason: PipelineError) -> None:
         """Stop taking rows. The first reason wins: it is the one the user must act on."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
+        self.run_stop.ask(reason)
 
-    async def worker(self, inbox: asyncio.Queue[Work | None], outbox: Sink) -> None:
-        """Serve `inbox` until its `None`; one Outcome per row sent, none for rows left."""
-        while (work := await inbox.get()) is not None:
-            if self.stopped:
-                continue  # drain: the row stays pending in the journal
-            outcome = await self.send(work)
-            if outcome is not None:
-                await outbox.put(outcome)
+    async def send(self, work: Work, *, follow_up: bool = False) -> Outcome | None:
+        """All attempts for one request. None when the run stopped before it was done.
 
-    async def send(self, work: Work) -> Outcome | None:
-        """All attempts for one request. None when the run stopped before it was done."""
-        sends = tries = rounds = 0  # tries: the sends that count against max_attempts
-        recorded = billed = False  # billed: an attempt may have reached the model
-        spent = Usage()  # by earlier rounds of a tool loop
-        made: list[dict[str, Any]] = []  # the calls those rounds ran, with their results
+        `follow_up`: a later request of a row already recorded and billed (the tool
+        loop's next round): not recorded again, and never forgotten.
+        """
+        sends = tries = 0  # tries: the sends that count against max_attempts
+        recorded = billed = follow_up  # billed: an attempt may have reached the model
         while True:
             estimated = sum(work.weights)  # the prompt's share of work.tokens
             output = work.tokens - estimated
@@ -184,10 +151,10 @@ class Dispatcher:
             if self.stopped:
                 await self._forget(work, recorded and not billed)
                 return None
-            if not recorded and self._before_send is not None:
+            if not recorded and self._recorder is not None:
                 # Recorded once the limiter lets it go, not before: a row still waiting
                 # for its turn at a halt or Ctrl-C never left, and is not "in flight".
-                await self._before_send(work)
+                await self._recorder.sending(work)
                 recorded = True
             sends += 1
             outcome = await self._attempt(work, sends)
@@ -202,26 +169,7 @@ class Dispatcher:
                 self._limiter.calibrate(estimated, counted)
                 actual = counted + sum(a.usage.completion_tokens for a in answers)
                 await self._limiter.settle(charged, actual)
-                if self._tools is None:
-                    return outcome
-                answer = _with_usage(answers[0], spent)
-                outcome.answers = [answer]
-                if not answer.extra.get("tool_calls"):
-                    if made:  # the final answer: the calls that led to it go with it
-                        extra = {**answer.extra, "tool_calls": made}
-                        outcome.answers = [dataclasses.replace(answer, extra=extra)]
-                    return outcome
-                if rounds >= self._tools.max_rounds:
-                    outcome.failure = ResponseInvalid(
-                        f"the model still called tools after {rounds} rounds "
-                        "(max_tool_rounds): no final answer"
-                    )
-                    return outcome
-                rounds += 1
-                spent = answer.usage
-                work, ran = await asyncio.to_thread(self._tools.next_work, work, answer)
-                made.extend(ran)
-                continue
+                return outcome
             if isinstance(failure, Fatal):
                 self.stop(Halted(failure.message))
                 await self._forget(work, recorded and not billed)
@@ -262,8 +210,8 @@ class Dispatcher:
 
     async def _forget(self, work: Work, unbilled: bool) -> None:
         """A row recorded as sent that the run stops: unbilled, it is not in flight."""
-        if unbilled and self._not_sent is not None:
-            await self._not_sent(work)
+        if unbilled and self._recorder is not None:
+            await self._recorder.not_sent(work)
 
     async def _attempt(self, work: Work, attempt: int) -> Outcome:
         started = time.perf_counter()

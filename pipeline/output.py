@@ -12,11 +12,14 @@ that replaces the target only once it is complete and on disk.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import os
 import re
+import shutil
 import sqlite3
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ from pipeline.errors import (
 )
 from pipeline.journal import Journal
 from pipeline.parse import RESULT_SCHEMA, OutputShape
-from pipeline.records import ROW_INDEX
+from pipeline.records import ROW_INDEX, Answer, Work
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 #: Ends the name of a file being written (`.out.parquet.<pid>.pipeline-tmp`): a run
@@ -387,3 +390,58 @@ def _column_error(
 def result_columns(shape: OutputShape, prefix: str) -> list[str]:
     """The result column names of the output, in order (for collision checks)."""
     return [prefix + n for n in shape.columns()]
+
+
+#: Disk a run needs at the least: SQLite and Parquet need room to work, and every
+#: row's result takes a few hundred bytes in the journal and again in the output.
+MIN_FREE_BYTES = 64 * 2**20
+BYTES_PER_ROW = 512
+
+
+def check_disk(directories: Iterable[Path], rows: int) -> None:
+    """Stop before spending if the output or the checkpoint cannot be written."""
+    for directory in directories:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = directory / f".pipeline-probe-{time.monotonic_ns()}"
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as exc:
+            raise OutputRefused(
+                f"cannot write to {directory} ({exc.strerror or exc}): choose another "
+                "--output (or --journal) or fix the folder's permissions"
+            ) from None
+        free = shutil.disk_usage(directory).free
+        need = MIN_FREE_BYTES + rows * BYTES_PER_ROW
+        if free < need:
+            raise OutputRefused(
+                f"only {free / 2**20:,.0f} MiB free on {directory}; the run needs at least "
+                f"{need / 2**20:,.0f} MiB. Free some space or choose another --output / --journal"
+            )
+
+
+def save_files(files_dir: Path, work: Work, answers: list[Answer]) -> list[Answer]:
+    """Write the files answers carry (generated images) beside the output.
+
+    The answer's text becomes the file's path; the file is on disk before the result
+    that names it is committed.
+    """
+    saved = []
+    for row, answer in zip(work.rows, answers, strict=True):
+        if answer.data is None:
+            saved.append(answer)
+            continue
+        suffix = _safe_suffix(str(answer.extra.get("file_suffix") or ".bin"))
+        path = files_dir / f"{row}{suffix}"
+        write_bytes_atomic(path, answer.data)
+        saved.append(dataclasses.replace(answer, text=str(path), data=None))
+    return saved
+
+
+def _safe_suffix(suffix: str) -> str:
+    """A file suffix the server chose (an image's format), kept only if it is plainly
+    one: "png/../../x" must not choose where the file goes."""
+    return suffix if _SUFFIX.fullmatch(suffix) else ".bin"
+
+
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}")

@@ -23,7 +23,6 @@ from jsonschema.exceptions import SchemaError
 from pipeline.bounds import RowBounds
 from pipeline.cost import Pricer, make_pricer
 from pipeline.endpoints import Endpoint, Provider, make_endpoint, make_provider
-from pipeline.endpoints.tools import ToolRunner
 from pipeline.errors import InputError, JobError, RenderLimit, RowProblem, SpecError, TemplateError
 from pipeline.output import check_writable, output_format, result_columns
 from pipeline.parse import AnswerCheck, OutputShape, fields_dtype, strict_schema_problem
@@ -40,6 +39,7 @@ from pipeline.spec import (
     digest,
     output_place,
 )
+from pipeline.tool_loop import ToolRunner
 from pipeline.trust import (
     Destination,
     Origin,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.dispatch import DispatchStats
+from pipeline.records import RowResult
 
 #: How often the plain (non-terminal) display prints a line.
 PLAIN_INTERVAL_S = 5.0
@@ -37,7 +38,21 @@ class Counters:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    #: Rows answered by an identical request's answer (dedupe), not sent.
+    shared: int = 0
     started: float = field(default_factory=time.monotonic)
+
+    def add(self, results: Iterable[RowResult]) -> None:
+        """Count results once they are committed."""
+        for r in results:
+            if r.status == "ok":
+                self.ok += 1
+            else:
+                self.failed += 1
+            self.prompt_tokens += r.prompt_tokens or 0
+            self.completion_tokens += r.completion_tokens or 0
+            self.cost_usd += r.cost_usd or 0.0
+            self.shared += r.attempts == 0 and r.request_id is not None
 
     @property
     def done(self) -> int:

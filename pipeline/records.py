@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import RequestFailure
+from pipeline.errors import PipelineError, RequestFailure
 
 #: The input row's position, carried beside its columns through every stage.
 ROW_INDEX = "__row"
@@ -96,6 +96,11 @@ class Work:
     payload: Any = None
 
 
+#: Stands for the request of a row not encoded yet (a batching endpoint packs it later)
+#: or never sent (rejected before sending).
+UNSENT = HttpRequest("POST", "", {}, b"")
+
+
 @dataclass(slots=True)
 class Outcome:
     """What came of one request: an answer per row, or a failure for all its rows."""
@@ -133,3 +138,31 @@ class RowResult:
     model: str | None = None
     #: The model's tool calls, as JSON: [{"id", "name", "arguments"}].
     tool_calls: str | None = None
+
+
+def rejected(row: int, failure: RequestFailure, digest: int = 0) -> Outcome:
+    """The outcome of a row that failed before any request was sent."""
+    return Outcome(Work((row,), UNSENT, 0, (digest,)), None, failure, attempts=0)
+
+
+class Stop:
+    """Why the run stops early, if it does: every stage reads it, any may ask for it.
+
+    stop = Stop()
+    stop.ask(Halted("the server is down"))   # the first reason wins
+    stop.stopped, stop.reason                # True, Halted(...): the one to act on
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self) -> None:
+        self.reason: PipelineError | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.reason is not None
+
+    def ask(self, reason: PipelineError) -> None:
+        """Stop taking rows. The first reason wins: it is the one the user must act on."""
+        if self.reason is None:
+            self.reason = reason

@@ -14,10 +14,9 @@ from typing import Any
 import orjson
 
 from pipeline.endpoints.base import Endpoint, Item, definition_tokens, with_image_parts
-from pipeline.endpoints.tools import chat_tool_choice, chat_tools
 from pipeline.media import load_images
 from pipeline.records import Answer, Prompt, Usage
-from pipeline.spec import RequestSpec
+from pipeline.spec import RequestSpec, ToolSpec
 from pipeline.tokens import estimate_tokens
 
 #: What a server lets a completion run to when max_tokens is not set; the TPM limiter
@@ -146,3 +145,23 @@ def _usage(raw: Mapping[str, Any]) -> Usage:
         cached_tokens=int(prompt_details.get("cached_tokens") or 0),
         reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
     )
+
+
+def chat_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
+    """Chat completions' `tools`: {"type": "function", "function": {...}}."""
+    return [{"type": "function", "function": _function(t)} for t in tools]
+
+
+def _function(tool: ToolSpec) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters}
+    if tool.description:
+        function["description"] = tool.description
+    if tool.strict is not None:
+        function["strict"] = tool.strict
+    return function
+
+
+def chat_tool_choice(choice: str) -> str | dict[str, Any]:
+    if choice in ("auto", "none", "required"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}

@@ -23,10 +23,8 @@ never read as if it were empty (which would send, and bill, every row again).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
@@ -38,6 +36,17 @@ import polars as pl
 
 from pipeline import __version__
 from pipeline.errors import CheckpointError, JobError, OutputError, OutputRefused
+from pipeline.journal.files import (
+    check_file,
+    check_tables,
+    connect,
+    discard,
+    hold_lock,
+    read_tally,
+    tally_path,
+    unreadable,
+    wal_found,
+)
 from pipeline.parse import RESULT_SCHEMA
 from pipeline.records import RowResult
 
@@ -74,12 +83,6 @@ FORMAT_VERSION = 1
 #: the checkpoint after a crash folds the `-wal` in and deletes it, losing nothing.
 _COMMITS = "commits"
 _COUNT = f"INSERT OR REPLACE INTO meta VALUES ('{_COMMITS}', ?)"
-#: What every SQLite file starts with.
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-#: The size of SQLite's file header.
-_HEADER_BYTES = 100
-#: The size of a -wal's header: a -wal no larger holds no commits.
-_WAL_HEADER_BYTES = 32
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -166,10 +169,10 @@ class Journal:
         self._lock = lock
         # Reads come from the producer's thread while the writer commits: a connection
         # of their own, which in WAL mode sees every committed row and never blocks.
-        self._reader = _connect(path)
-        self._checkpointer = _connect(path)
-        # The writer never checkpoints on its own (that would fsync in the event loop);
-        # the run calls checkpoint() from a thread instead.
+        self._reader = connect(path)
+        self._folder = connect(path)
+        # The writer never folds the WAL in on its own (that would fsync in the event
+        # loop); the journal's Writer calls fold_wal() from a thread instead.
         connection.execute("PRAGMA wal_autocheckpoint=0")
         #: Write transactions so far (meta `commits`), and the side file told of them.
         self._commits = 0
@@ -188,20 +191,20 @@ class Journal:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputRefused(f"cannot create {path.parent}: {exc.strerror}") from None
-        lock = _lock(path)
+        lock = hold_lock(path)
         db: sqlite3.Connection | None = None
         journal: Journal | None = None
         try:
-            set_aside = _set_aside(path) if fresh else None
+            set_aside = discard(path) if fresh else None
             if not path.exists():  # deleted to start over: its count goes with it
-                _tally_path(path).unlink(missing_ok=True)
-            _check_file(path)
-            wal = _wal_found(path)
-            db = _connect(path)
+                tally_path(path).unlink(missing_ok=True)
+            check_file(path)
+            wal = wal_found(path)
+            db = connect(path)
             journal = cls(path, db, lock)
             # Every check reads only: a file that is refused is left as it was found
             # (a -wal put back later must still match it).
-            tables = _check_tables(path, db)
+            tables = check_tables(path, db)
             if tables:
                 journal._check_identity(job)
             journal._check_commits(wal, tables)
@@ -215,7 +218,7 @@ class Journal:
             _close_refused(journal, db)
             lock.close()
             if isinstance(exc, sqlite3.DatabaseError):
-                raise _unreadable(path, exc) from None
+                raise unreadable(path, exc) from None
             raise
         return journal
 
@@ -225,13 +228,13 @@ class Journal:
         the name of the job it must belong to."""
         if not path.exists():
             raise JobError(f"no checkpoint at {path}: the job has not run yet")
-        _check_file(path)
-        wal = _wal_found(path)
+        check_file(path)
+        wal = wal_found(path)
         db: sqlite3.Connection | None = None
         journal: Journal | None = None
         try:
-            db = _connect(path)
-            tables = _check_tables(path, db)
+            db = connect(path)
+            tables = check_tables(path, db)
             journal = cls(path, db, lock=None)
             journal._check_commits(wal, tables)
             if not tables:
@@ -240,7 +243,7 @@ class Journal:
         except BaseException as exc:
             _close_refused(journal, db)
             if isinstance(exc, sqlite3.DatabaseError):
-                raise _unreadable(path, exc) from None
+                raise unreadable(path, exc) from None
             raise
         return journal
 
@@ -278,8 +281,8 @@ class Journal:
         `tables`: whether the file holds a checkpoint's tables (without its -wal, a new
         checkpoint's main file may hold nothing yet)."""
         self._commits = int(self.meta(_COMMITS) or 0) if tables else 0
-        tally = _tally_path(self.path)
-        told = _read_tally(tally)
+        tally = tally_path(self.path)
+        told = read_tally(tally)
         if told is None or self._commits >= told:
             return
         wal = Path(f"{self.path}-wal")
@@ -296,7 +299,7 @@ class Journal:
         )
 
     def _open_tally(self) -> None:
-        tally = _tally_path(self.path)
+        tally = tally_path(self.path)
         try:
             self._tally = os.open(tally, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -362,10 +365,11 @@ class Journal:
         self._commits += 1
         self._tell()
 
-    def checkpoint(self) -> None:
-        """Move the WAL into the database file (the part that fsyncs); for a thread."""
+    def fold_wal(self) -> None:
+        """Move the WAL into the database file (SQLite's "WAL checkpoint", the part that
+        fsyncs; named otherwise here, where "checkpoint" is the journal); for a thread."""
         with contextlib.suppress(sqlite3.Error):  # retried at the next one
-            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._folder.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     @_reading
     def done_rows(self, first: int, last: int, *, failed_too: bool = True) -> set[int]:
@@ -438,40 +442,12 @@ class Journal:
     def close(self) -> None:
         if self._tally is not None:
             os.close(self._tally)
-        self.checkpoint()
-        self._checkpointer.close()
+        self.fold_wal()
+        self._folder.close()
         self._reader.close()
         self._db.close()
         if self._lock is not None:
             self._lock.close()  # releases the flock
-
-
-def _lock(path: Path) -> IO[str]:
-    """Hold an exclusive lock beside the journal for the process's lifetime.
-
-    flock locks belong to the open file: the kernel drops them when the process dies,
-    `kill -9` included, so a crashed run never leaves a stale lock behind.
-    """
-    lock_path = Path(f"{path}.lock")
-    try:
-        handle = open(lock_path, "a+")  # noqa: SIM115 - held open until close()
-    except OSError as exc:
-        raise OutputRefused(f"cannot create the lock file {lock_path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise JobError(
-            f"another run of this job is in progress (pid {owner}) and holds {path}; "
-            "wait for it to finish or stop it, or give this run its own --output"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
 
 
 #: How the refusal of a changed job names a fingerprint's part, where its key is terse.
@@ -490,44 +466,6 @@ def _describe(part: str) -> str:
     return _PARTS.get(part, part)
 
 
-def _check_file(path: Path) -> None:
-    """Refuse, before SQLite reads it, a file at `path` that cannot be a sound checkpoint.
-
-    SQLite reads an empty file as an empty database and a truncated one until it meets
-    the missing page (mid-run): either would look like a checkpoint with fewer answers,
-    and the rows it lost would be sent and billed again.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            header = handle.read(_HEADER_BYTES)
-    except FileNotFoundError:
-        return  # a new checkpoint
-    except OSError as exc:
-        raise CheckpointError(f"cannot read the checkpoint {path}: {exc.strerror}") from None
-    fix = "move it away or give this run its own --journal; --fresh sets it aside and starts over"
-    if size == 0:
-        raise CheckpointError(
-            f"the checkpoint {path} is empty (0 bytes): it lost whatever it held, so a "
-            f"resume cannot tell which rows were paid for; {fix}"
-        )
-    if len(header) < _HEADER_BYTES or not header.startswith(_SQLITE_MAGIC):
-        raise CheckpointError(f"{path} is not a checkpoint (not a SQLite file); {fix}")
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages = int.from_bytes(header[28:32], "big")
-    # The header's page count is valid when its "version valid for" matches the
-    # change counter (SQLite's file format, section 1.3.7). With a -wal beside it, a
-    # shorter file is a checkpoint cut short (a full disk): the -wal holds the pages.
-    wal = Path(f"{path}-wal")
-    wal_size = wal.stat().st_size if wal.exists() else 0
-    if header[92:96] == header[24:28] and size < page_size * pages and not wal_size:
-        raise CheckpointError(
-            f"the checkpoint {path} is truncated ({size:,} bytes of the "
-            f"{page_size * pages:,} its header says): restore it from a copy, or {fix}"
-        )
-
-
 def _close_refused(journal: Journal | None, db: sqlite3.Connection | None) -> None:
     """Close what a refused open had opened (the lock is the caller's)."""
     with contextlib.suppress(sqlite3.Error):
@@ -538,91 +476,6 @@ def _close_refused(journal: Journal | None, db: sqlite3.Connection | None) -> No
             db.close()
 
 
-def _wal_found(path: Path) -> bool:
-    """Whether a -wal with frames is beside `path`, looked at before a connection makes
-    one (an empty one is what a connection leaves when it found none)."""
-    wal = Path(f"{path}-wal")
-    return wal.exists() and wal.stat().st_size > _WAL_HEADER_BYTES
-
-
-def _tally_path(path: Path) -> Path:
-    return Path(f"{path}.commits")
-
-
-def _read_tally(tally: Path) -> int | None:
-    """The commits the side file was told of; None without one (an older pipeline's
-    checkpoint, or one moved without it: nothing to compare with)."""
-    try:
-        return int(tally.read_text(encoding="ascii").strip() or 0)
-    except (OSError, ValueError):
-        return None
-
-
-def _check_tables(path: Path, db: sqlite3.Connection, *, creating: bool = True) -> bool:
-    """Refuse another program's SQLite file; True if the file holds a checkpoint's
-    tables. `creating`: a file with no tables may become a checkpoint."""
-    names = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if {"meta", "results"} <= names:
-        return True
-    if creating and not names:
-        return False
-    what = f"tables: {', '.join(sorted(names))}" if names else "no tables"
-    raise CheckpointError(
-        f"{path} is a SQLite file but not a pipeline checkpoint ({what}); give this run its "
-        "own --journal (or --output), or move that file away"
-    )
-
-
-def _unreadable(path: Path, exc: sqlite3.DatabaseError) -> CheckpointError:
-    return CheckpointError(
-        f"the checkpoint {path} cannot be read ({exc}): restore it from a copy, or move it "
-        "away; --fresh sets it aside and starts over"
-    )
-
-
-def _set_aside(path: Path) -> str | None:
-    """--fresh: keep what the old checkpoint holds in a backup file, and say where.
-
-    A checkpoint with no rows is deleted; one with answers (paid for) is moved to
-    `<stem>.discarded-<time>.sqlite`, its -wal folded in first (a rename: no copy of
-    a large file), or copied if that cannot be done; a file that cannot be read as one
-    is moved there as it is (it may be someone's).
-    """
-    if not path.exists():
-        return None
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    backup = path.with_name(f"{path.stem}.discarded-{stamp}{path.suffix}")
-    copied = False
-    try:
-        _check_file(path)
-        with contextlib.closing(_connect(path)) as db:
-            _check_tables(path, db)
-            held = db.execute("SELECT count(*), total(cost_usd) FROM results").fetchone()
-            busy = held[0] and db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-            if busy:  # a reader (`pipeline status`) holds part of the -wal: copy it all
-                with contextlib.closing(sqlite3.connect(backup)) as copy:
-                    db.backup(copy)
-                copied = True
-        if held[0] and not copied:
-            os.replace(path, backup)  # the -wal is folded in: the file holds it all
-    except (CheckpointError, sqlite3.DatabaseError):
-        os.replace(path, backup)
-        if Path(f"{path}-wal").exists():
-            os.replace(f"{path}-wal", f"{backup}-wal")
-        Path(f"{path}-shm").unlink(missing_ok=True)
-        _tally_path(path).unlink(missing_ok=True)
-        return f"--fresh: {path} was not a readable checkpoint; it is moved to {backup}"
-    for suffix in ("", "-wal", "-shm", ".commits"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-    if not held[0]:
-        return None
-    return (
-        f"--fresh: the old checkpoint held {held[0]:,} rows (${held[1]:.4f} spent); it is "
-        f"kept as {backup} (--journal {backup} with another --output writes its answers "
-        "out again; delete it when you no longer need it)"
-    )
-
-
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     """A journal from an earlier version of the tool gains the columns added since."""
     have = {name for _, name, *_ in db.execute("PRAGMA table_info(results)")}
@@ -630,15 +483,3 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
         for name, dtype in _OPTIONAL.items():
             if name not in have:
                 db.execute(f"ALTER TABLE results ADD COLUMN {name} {_sql_type(dtype)}")
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    # One connection, used by one thread at a time (the writer's to_thread calls are
-    # awaited one after another), so the same-thread check only gets in the way.
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
-    with contextlib.suppress(sqlite3.OperationalError):  # a reader of a busy file
-        db.execute("PRAGMA journal_mode=WAL")
-    # In WAL mode, NORMAL keeps every commit across a process crash.
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA busy_timeout=5000")
-    return db
