@@ -319,10 +319,6 @@ async def _storm(url: str) -> tuple[list[Outcome], str | None, float]:
     limiter = Limiter(rpm=None, tpm=None, clock=lambda: now[0])
     outcomes: list[Outcome] = []
 
-    class Box:
-        async def put(self, item: Outcome, /) -> None:
-            outcomes.append(item)
-
     body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
     request = HttpRequest(
         "POST", f"{url}/chat/completions", {"content-type": "application/json"}, body
@@ -342,9 +338,15 @@ async def _storm(url: str) -> tuple[list[Outcome], str | None, float]:
                 lambda answer: answer,
                 clock=lambda: now[0],
             )
+
+            async def worker() -> None:  # as the online engine's workers do
+                while (work := await inbox.get()) is not None:
+                    if not dispatcher.stopped and (outcome := await dispatcher.send(work)):
+                        outcomes.append(outcome)
+
             async with asyncio.TaskGroup() as tg:
                 for _ in range(CONCURRENCY):
-                    tg.create_task(dispatcher.worker(inbox, Box()))
+                    tg.create_task(worker())
     finally:
         running = False
         await ticker

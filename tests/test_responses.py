@@ -16,7 +16,7 @@ import pytest
 from conftest import Server, invoke, post_json, read_output, run_job, write_job
 
 from pipeline.endpoints import Endpoint, make_endpoint
-from pipeline.endpoints.tools import ToolRunner
+from pipeline.tool_loop import ToolRunner
 from pipeline.records import Prompt
 from pipeline.spec import RequestSpec, TemplateSpec
 

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from conftest import Server, invoke, post_json, read_output, run_job, write_job
 
-from pipeline.endpoints.tools import ToolRunner
+from pipeline.tool_loop import ToolRunner
 from pipeline.plan import RunOptions, make_plan
 from pipeline.spec import load_job
 from pipeline.tokens import text_counter
