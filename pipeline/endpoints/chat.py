@@ -15,7 +15,7 @@ import orjson
 
 from pipeline.endpoints.base import Endpoint, Item, definition_tokens, with_image_parts
 from pipeline.endpoints.tools import chat_tool_choice, chat_tools
-from pipeline.media import load_images
+from pipeline.prompt_images import load_images
 from pipeline.records import Answer, Prompt, Usage
 from pipeline.spec import RequestSpec
 from pipeline.tokens import estimate_tokens
