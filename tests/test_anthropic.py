@@ -41,8 +41,8 @@ from pipeline.errors import (
     SpecError,
 )
 from pipeline.limits import Limiter, parse_timestamp
-from pipeline.media import anthropic_image_tokens
 from pipeline.parse import AnswerCheck
+from pipeline.prompt_images import anthropic_image_tokens
 from pipeline.records import HttpRequest, HttpResponse, Prompt, Usage, Work
 from pipeline.simulator import SimConfig, running_in_thread
 from pipeline.spec import RequestSpec, TemplateSpec, ToolSpec

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from pipeline.errors import InputError
+from pipeline.input_checks import SCAN_BLOCK
 from pipeline.records import ROW_INDEX
-from pipeline.source import SCAN_BLOCK, Source, open_source
+from pipeline.source import Source, open_source
 
 # A table that exercises quoting, non-ASCII text and nulls in every format.
 TABLE = pl.DataFrame(

@@ -15,8 +15,8 @@ import pytest
 from conftest import Server, invoke, read_output, run_job, write_job
 from PIL import Image
 
-from pipeline.media import MAX_IMAGE_BYTES, UNKNOWN_SIZE, image_tokens, load_image
 from pipeline.plan import RunOptions, estimate, make_plan
+from pipeline.prompt_images import MAX_IMAGE_BYTES, UNKNOWN_SIZE, image_tokens, load_image
 from pipeline.simulator import vision
 from pipeline.spec import load_job
 from pipeline.tokens import estimate_tokens, text_counter
@@ -240,8 +240,10 @@ def test_the_simulator_reads_the_size_from_the_header_alone() -> None:
 
 
 def test_the_image_module_imports_on_its_own() -> None:
-    """pipeline.endpoints imports pipeline.media: importing media first must not loop."""
-    done = subprocess.run([sys.executable, "-c", "import pipeline.media"], capture_output=True)
+    """pipeline.endpoints imports pipeline.prompt_images: importing it first must not loop."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import pipeline.prompt_images"], capture_output=True
+    )
 
     assert done.returncode == 0, done.stderr.decode()
 

@@ -44,7 +44,7 @@ import orjson
 
 from pipeline.endpoints.base import Endpoint, Item, definition_tokens
 from pipeline.errors import RowProblem, SpecError
-from pipeline.media import anthropic_image_tokens, load_image
+from pipeline.prompt_images import anthropic_image_tokens, load_image
 from pipeline.records import Answer, Prompt, Usage
 from pipeline.spec import RequestSpec, ToolSpec
 from pipeline.tokens import TextCounter, estimate_tokens

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from pipeline.endpoints.base import Endpoint, Item, definition_tokens, with_image_parts
-from pipeline.media import load_images
+from pipeline.prompt_images import load_images
 from pipeline.records import Answer, Prompt, Usage
 from pipeline.spec import RequestSpec, ToolSpec
 from pipeline.tokens import estimate_tokens

@@ -34,7 +34,7 @@ import orjson
 from pipeline.endpoints.base import Endpoint, Item, definition_tokens, with_image_parts
 from pipeline.endpoints.chat import DEFAULT_MAX_OUTPUT_TOKENS
 from pipeline.errors import AnswerFiltered, ReadFailed, ResponseInvalid, SpecError
-from pipeline.media import load_images
+from pipeline.prompt_images import load_images
 from pipeline.records import Answer, Prompt, Usage
 from pipeline.spec import RequestSpec, ToolSpec
 from pipeline.tokens import estimate_tokens
