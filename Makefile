@@ -22,6 +22,7 @@ check: setup
 	$(BIN)/ruff check pipeline tests bench
 	$(BIN)/mypy
 	MYPYPATH=bench $(BIN)/mypy --strict bench
+	MYPYPATH=tests $(BIN)/mypy --strict tests
 
 test: check
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ import math
 import shutil
 import struct
 import wave
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ def test_a_missing_audio_file_fails_only_its_row_naming_the_path(
     [
         pytest.param(
             "big.wav",
-            lambda p: p.write_bytes(b"") or _sparse(p, 26 * 2**20),
+            lambda p: _sparse(p, 26 * 2**20),
             "25 MB at most",
             id="over-25-MB",
         ),
@@ -92,7 +93,7 @@ def test_a_missing_audio_file_fails_only_its_row_naming_the_path(
     ],
 )
 def test_an_unusable_file_fails_its_row_before_sending(
-    tmp_path: Path, sim: Server, name: str, prepare: Any, message: str
+    tmp_path: Path, sim: Server, name: str, prepare: Callable[[Path], object], message: str
 ) -> None:
     prepare(tmp_path / name)
     job = write_job(tmp_path, [{"id": 1, "path": name}], request=WHISPER, template=TEMPLATE)
@@ -107,7 +108,8 @@ def test_an_unusable_file_fails_its_row_before_sending(
 
 
 def _sparse(path: Path, size: int) -> None:
-    with path.open("r+b") as handle:
+    """A file of `size` bytes that takes no disk: created empty, then extended."""
+    with path.open("wb") as handle:
         handle.truncate(size)
 
 

@@ -330,7 +330,7 @@ option_values = st.one_of(
 OPTIONS = ["--rows", "--limit", "--rpm", "--tpm", "--price", "--model", "--output", "--input"]
 
 
-def fuzz_settings(examples: int) -> Any:
+def fuzz_settings(examples: int) -> settings:
     return settings(
         max_examples=examples,
         deadline=None,

@@ -155,7 +155,8 @@ def discriminated_validator(openapi: dict[str, Any], name: str) -> Draft202012Va
         ):
             yield ValidationError(f"{instance!r} matches none of the discriminated schemas")
 
-    extended = validators.extend(Draft202012Validator, {"oneOf": discriminated})
+    # `extend` has no annotations, in typeshed's types-jsonschema stubs too (4.26).
+    extended = validators.extend(Draft202012Validator, {"oneOf": discriminated})  # type: ignore[no-untyped-call]
     resource = Resource.from_contents(openapi, default_specification=DRAFT202012)
     registry: Registry[Any] = Registry().with_resource(URI, resource)
     checker: Draft202012Validator = extended(

@@ -78,7 +78,7 @@ class Run:
         return int(found[1].replace(",", "")) if found else 0
 
     @property
-    def sent_again(self) -> set[str]:
+    def sent_again(self) -> set[int]:
         """Bodies this run sent that the server had received before: the duplicates."""
         return {
             h
@@ -189,7 +189,7 @@ def check_output(directory: Path) -> None:
     assert bad.height == 0, f"{bad.height} rows not ok, the first: {bad.row(0, named=True)}"
 
 
-def check_nothing_committed_is_lost_or_sent_again(runs: list[Run], final: Counter[str]) -> None:
+def check_nothing_committed_is_lost_or_sent_again(runs: list[Run], final: Counter[int]) -> None:
     for r in runs:
         kill = r.label
         lost = {row for row, h in r.before.results.items() if r.after.results.get(row) != h}

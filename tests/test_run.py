@@ -139,7 +139,7 @@ def test_max_tokens_cut_is_reported_as_length(tmp_path: Path, sim: Server) -> No
 
 
 def test_nulls_render_empty_by_default_and_fail_when_asked(tmp_path: Path, sim: Server) -> None:
-    rows = [{"id": 1, "text": "hello"}, {"id": 2, "text": None}]
+    rows: list[dict[str, object]] = [{"id": 1, "text": "hello"}, {"id": 2, "text": None}]
     job = write_job(tmp_path, rows, template={"user": "[{{ text }}]", "nulls": "fail"})
 
     result = run_job(job, sim)

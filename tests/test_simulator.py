@@ -248,7 +248,7 @@ def test_prompt_tokens_are_counted_as_openai_documents() -> None:
     # adds 4 (3 of framing, 1 of role) and the reply's priming 3.
     documented = [{"role": "user", "content": "tiktoken is great!"}]
     # A model whose encoding the simulator lacks: about four bytes of UTF-8 a token.
-    heuristic = [
+    heuristic: list[dict[str, object]] = [
         {"role": "system", "content": "x" * 10},  # ceil(10/4) + 4 = 7
         {"role": "user", "content": [{"type": "text", "text": "é" * 4}]},  # 8 bytes: 2 + 4
     ]

@@ -66,7 +66,7 @@ def test_english_is_about_a_quarter_below_four_bytes_a_token() -> None:
 
 def test_a_chat_prompt_adds_each_messages_framing_and_the_replys_priming() -> None:
     count = text_counter("gpt-4")
-    messages = [
+    messages: list[dict[str, object]] = [
         {"role": "system", "content": "tiktoken is great!"},
         {"role": "user", "content": [{"type": "text", "text": "tiktoken is great!"}]},
     ]
