@@ -16,9 +16,9 @@ import pytest
 from conftest import Server, invoke, post_json, read_output, run_job, write_job
 
 from pipeline.endpoints import Endpoint, make_endpoint
-from pipeline.tool_loop import ToolRunner
 from pipeline.records import Prompt
 from pipeline.spec import RequestSpec, TemplateSpec
+from pipeline.tool_loop import ToolRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 RESPONSES = {"endpoint": "responses", "model": "gpt-4.1-mini"}

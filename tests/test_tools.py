@@ -11,10 +11,10 @@ import orjson
 import pytest
 from conftest import Server, invoke, post_json, read_output, run_job, write_job
 
-from pipeline.tool_loop import ToolRunner
 from pipeline.plan import RunOptions, make_plan
 from pipeline.spec import load_job
 from pipeline.tokens import text_counter
+from pipeline.tool_loop import ToolRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 CITIES = ["Oslo", "Lima", "Hanoi"]
