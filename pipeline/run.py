@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,12 +63,9 @@ from pipeline.prepare import RequestBuilder, Requests
 from pipeline.progress import Counters, Display
 from pipeline.records import Outcome, RowResult, Stop, Work
 from pipeline.redact import redact, redact_result
-from pipeline.signals import Signals, stopped
+from pipeline.signals import draining
 from pipeline.spec import digest
 from pipeline.transport import AiohttpTransport, Transport, env_proxy
-
-#: After SIGINT/SIGTERM, how long in-flight requests may take to finish.
-DRAIN_S = 30.0
 
 
 @dataclass
@@ -184,7 +180,7 @@ async def send_all(
         proxy=env_proxy(build.url),
     )
     engine = _engine(plan, transport, build, writer, stop)
-    with _handling_signals(engine, stop, notify):
+    with draining(stop, engine.abandon, notify):
         try:
             async with transport:
                 # Before the first row: a server that cannot serve any halts the run here.
@@ -198,8 +194,11 @@ async def send_all(
                     await engine.run(requests.stream())
                     await writer.close()
         except* PipelineError as group:
-            # A stage failed for the whole run (the disk, say): report that one, plainly.
-            raise _first(group) from None
+            # A stage failed for the whole run (the disk, say): report that one, plainly,
+            # however deep the TaskGroups nest it.
+            while isinstance(first := group.exceptions[0], BaseExceptionGroup):
+                group = first
+            raise first from None
     return Sent(counters, engine.stats, stop)
 
 
@@ -215,51 +214,6 @@ def _collector(plan: Plan, dedupe: Dedupe | None) -> Callable[[Outcome], list[Ro
         return dedupe.settle(results) if dedupe is not None else results
 
     return collect
-
-
-def _first(group: BaseExceptionGroup[PipelineError]) -> BaseException:
-    """The first failure in a group, however deep the TaskGroups nest it."""
-    first: BaseException = group.exceptions[0]
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    return first
-
-
-@contextlib.contextmanager
-def _handling_signals(engine: Engine, stop: Stop, notify: Callable[[str], None]) -> Iterator[None]:
-    """SIGINT/SIGTERM: stop taking rows and drain; a second signal exits at once
-    (signals.py), and DRAIN_S cuts the drain short."""
-    loop = asyncio.get_running_loop()
-    drain: list[asyncio.TimerHandle] = []
-
-    def on_drain_timeout(sig: signal.Signals) -> None:
-        abandoned = engine.abandon()
-        stop.reason = stopped(
-            sig,
-            f"interrupted: {plural(abandoned, 'request')} still in flight after "
-            f"{DRAIN_S:g} s {'was' if abandoned == 1 else 'were'} abandoned (the server may "
-            "bill them; a resume sends them again); finished rows are kept and the output "
-            "is written",
-        )
-
-    def on_signal(sig: signal.Signals) -> None:
-        # A run already halting (a halt, the budget) keeps its reason, the one to act on;
-        # the first signal still drains and writes the output, like any first signal.
-        stop.ask(stopped(sig, "interrupted: finished rows are kept; run again to resume"))
-        # The drain's end abandons the requests still out and writes the output; only
-        # a second signal stops without it.
-        drain.append(loop.call_later(DRAIN_S, on_drain_timeout, sig))
-        notify(
-            f"stopping: requests in flight have up to {DRAIN_S:.0f} s to finish, then the "
-            "output is written; interrupt again to stop at once"
-        )
-
-    with Signals(loop, on_signal):
-        try:
-            yield
-        finally:
-            for handle in drain:
-                handle.cancel()
 
 
 def _kept_note(plan: Plan, exc: OutputError) -> str:
@@ -287,7 +241,7 @@ async def _server(plan: Plan) -> AsyncIterator[str]:
     if plan.base_url is not None:
         yield plan.base_url
         return
-    from pipeline.simulator import SimConfig, Simulator
+    from pipeline.simulator import SimConfig, Simulator  # only when asked: start-up time
 
     limits = plan.job.limits
     config = SimConfig(rpm=limits.rpm, tpm=limits.tpm, latency_ms=20, track_bodies=False)

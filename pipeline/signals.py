@@ -1,8 +1,13 @@
 """SIGINT and SIGTERM during a run: the first stops gently, the second exits at once.
 
-    with Signals(loop, on_first=stop_taking_rows) as signals:
-        ...                      # the run; signals.first is the signal that stopped it
+    with draining(stop, engine.abandon, notify=print):
+        ...                      # the run; after a signal, stop.reason says which one
+    with Signals(loop, on_first=stop_taking_rows) as signals:    # the handlers alone
+        ...
     raise stopped(signals.first, "interrupted: ...")   # Interrupted (130) or Terminated (143)
+
+The first signal stops the run taking rows; requests in flight have DRAIN_S to finish,
+then they are abandoned; either way the output is written.
 
 The handler is Python's own (`signal.signal`), not the event loop's: it runs in the main
 thread between any two bytecodes, so a second signal ends the process even while
@@ -14,16 +19,20 @@ end, a journal checkpoint) would keep a normal exit waiting for it. Exiting with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
 from pipeline.errors import Interrupted, Terminated
+from pipeline.records import Stop
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+#: After SIGINT/SIGTERM, how long in-flight requests may take to finish.
+DRAIN_S = 30.0
 #: What the second signal prints before the process ends.
 AT_ONCE = "interrupted twice: stopped at once; finished rows are kept"
 
@@ -73,3 +82,47 @@ class Signals:
     ) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+
+
+@contextlib.contextmanager
+def draining(
+    stop: Stop, abandon: Callable[[], int], notify: Callable[[str], None]
+) -> Iterator[None]:
+    """A run's handlers: the first signal asks `stop` and drains; DRAIN_S later
+    `abandon()` (the engine's) gives up the requests still out, and the output is
+    written; a second signal exits at once."""
+    loop = asyncio.get_running_loop()
+    drain: list[asyncio.TimerHandle] = []
+
+    def on_drain_timeout(sig: signal.Signals) -> None:
+        abandoned = abandon()
+        stop.reason = stopped(
+            sig,
+            f"interrupted: {_plural(abandoned, 'request')} still in flight after "
+            f"{DRAIN_S:g} s {'was' if abandoned == 1 else 'were'} abandoned (the server may "
+            "bill them; a resume sends them again); finished rows are kept and the output "
+            "is written",
+        )
+
+    def on_signal(sig: signal.Signals) -> None:
+        # A run already halting (a halt, the budget) keeps its reason, the one to act on;
+        # the first signal still drains and writes the output, like any first signal.
+        stop.ask(stopped(sig, "interrupted: finished rows are kept; run again to resume"))
+        # The drain's end abandons the requests still out and writes the output; only
+        # a second signal stops without it.
+        drain.append(loop.call_later(DRAIN_S, on_drain_timeout, sig))
+        notify(
+            f"stopping: requests in flight have up to {DRAIN_S:.0f} s to finish, then the "
+            "output is written; interrupt again to stop at once"
+        )
+
+    with Signals(loop, on_signal):
+        try:
+            yield
+        finally:
+            for handle in drain:
+                handle.cancel()
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from conftest import read_output, run_job, serving, serving_app, spawn_run, write_job
 
-import pipeline.run
+import pipeline.signals
 from pipeline.plan import RunOptions, estimate, make_plan
 from pipeline.spec import load_job
 
@@ -119,7 +119,7 @@ def test_a_drain_that_times_out_still_writes_the_output_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The drain's length is the only thing shortened: 30 s in a run, half a second here.
-    monkeypatch.setattr(pipeline.run, "DRAIN_S", 0.5)
+    monkeypatch.setattr(pipeline.signals, "DRAIN_S", 0.5)
     job = write_job(tmp_path, texts(10), limits={"concurrency": 3})
     journal = tmp_path / "out.journal.sqlite"
     with serving(latency_ms=600_000) as never:  # answers nothing within the test
