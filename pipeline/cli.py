@@ -323,7 +323,7 @@ def _when(timestamp: float) -> str:
 @_errors_to_exit
 def simulate(host: str, port: int, faults: str, **config: Any) -> None:
     """Serve an OpenAI-compatible simulator (chat, embeddings, models)."""
-    from pipeline.simulator import SimConfig, serve
+    from pipeline.simulator import SimConfig, serve  # only for this command: start-up time
 
     kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
     try:

@@ -13,17 +13,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import polars as pl
 from jsonschema import Draft202012Validator
 
+from pipeline.cost import Pricer
 from pipeline.errors import AnswerFiltered, ResponseInvalid
 from pipeline.records import Answer, Outcome, RowResult, Usage
-
-if TYPE_CHECKING:
-    from pipeline.cost import Pricer
 
 #: The result columns every output has, after the input columns, with their types.
 RESULT_SCHEMA: dict[str, pl.DataType] = {
