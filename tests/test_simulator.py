@@ -19,7 +19,8 @@ import jsonschema
 import orjson
 import pytest
 
-from pipeline.simulator import SimConfig, Simulator, _go_duration, running_in_thread
+from pipeline.simulator import SimConfig, Simulator, running_in_thread
+from pipeline.simulator.rate_limits import go_duration
 
 # Transcribed from the OpenAI OpenAPI description (components/schemas), keeping every
 # required key and the type of each property the simulator sends. The spec is 3.1, so
@@ -639,7 +640,7 @@ def test_request_larger_than_the_whole_tpm_limit_is_request_too_large() -> None:
     ],
 )
 def test_reset_durations_are_go_style(seconds: float, text: str) -> None:
-    assert _go_duration(seconds) == text
+    assert go_duration(seconds) == text
 
 
 # --- directives and faults ----------------------------------------------------------------
