@@ -43,7 +43,9 @@ from pipeline.simulator.exchange import Exchange
 from pipeline.simulator.fake_answers import chunk_tokens, fake_json, sentence_tokens
 from pipeline.simulator.rate_limits import Limits
 
+#: Anthropic caches a prefix from this many tokens on (1024 for Sonnet and Opus).
 _CACHE_MIN_TOKENS: Final = 1024
+#: The error type Anthropic sends with each status.
 _TYPES: Final = {
     400: "invalid_request_error",
     401: "authentication_error",

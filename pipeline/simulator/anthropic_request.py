@@ -37,7 +37,6 @@ _FIELDS: Final = frozenset(
         "service_tier", "container", "mcp_servers", "context_management",
     }
 )  # fmt: skip
-#: The error type Anthropic sends with each status.
 
 
 def anthropic_error(status: int, type_: str, message: str, *, tally: Tally = "errors") -> ApiError:
@@ -53,6 +52,8 @@ def anthropic_invalid(message: str) -> ApiError:
 
 @dataclass(frozen=True, slots=True)
 class MessageJob:
+    """A checked Messages request: what the answer is made from."""
+
     model: str
     max_tokens: int
     prompt_tokens: int

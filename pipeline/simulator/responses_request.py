@@ -9,7 +9,7 @@ function_call and function_call_output items with valid roles and content parts;
 every function call has its output and every output its call; `text.format`
 json_schema follows the strict rules; function tools have valid names and, when
 strict, valid parameter schemas. The prompt counts as chat completions' does
-(prompt_tokens.py): each item's tokens + 4, images by their size, and 3 for the reply.
+(prompt_tokens.py).
 """
 
 from __future__ import annotations
@@ -28,18 +28,12 @@ from pipeline.simulator.api_errors import (
     wrong_type,
 )
 from pipeline.simulator.fake_answers import DEFAULT_COMPLETION_COST
-from pipeline.simulator.prompt_images import (
-    REMOTE_SIZE,
-    ImageProblem,
-    image_part_tokens,
-    tokens_for,
-)
-from pipeline.simulator.prompt_tokens import content_text
+from pipeline.simulator.prompt_tokens import content_text, items_tokens
 from pipeline.simulator.request_fields import model_field
 from pipeline.simulator.strict_schemas import strict_problem
-from pipeline.simulator.text_tokens import count_text
 from pipeline.simulator.tool_calls import tools_tokens
 
+#: CreateResponse's parameters in the OpenAPI description; any other is a 400.
 _PARAMETERS: Final = frozenset(
     {
         "background", "context_management", "conversation", "include", "input",
@@ -118,7 +112,7 @@ def parse_responses(payload: dict[str, Any]) -> ResponsesJob:
         model=model,
         instructions=instructions,
         items=items,
-        prompt_tokens=_prompt_tokens(instructions, items, model) + tools_tokens(payload, model),
+        prompt_tokens=items_tokens(instructions, items, model) + tools_tokens(payload, model),
         max_output_tokens=_max_output_tokens(payload),
         text_format=_text_format(payload.get("text"), instructions, items),
         tools=tools,
@@ -452,48 +446,3 @@ def _tool_choice(raw: Any, tools: list[dict[str, Any]]) -> str | dict[str, Any]:
         "tool_choice",
         "invalid_value",
     )
-
-
-def _prompt_tokens(instructions: str | None, items: list[dict[str, Any]], model: str) -> int:
-    """As chat completions counts: each item's tokens + 4, and 3 for the reply.
-
-    Images count by their size, as on chat completions; the tools are added by the caller.
-    """
-    total = 3
-    if instructions is not None:
-        total += count_text(instructions, model) + 4
-    for item in items:
-        kind = item["type"]
-        if kind == "message":
-            total += _parts_tokens(item["content"], model) + 4
-        elif kind == "function_call":
-            total += count_text(item["name"] + item["arguments"], model) + 4
-        else:
-            total += count_text(content_text(item["output"]), model) + 4
-    return total
-
-
-def _parts_tokens(content: str | list[dict[str, Any]], model: str) -> int:
-    """The tokens of a message's content: its texts', and its images' by their size."""
-    if isinstance(content, str):
-        return count_text(content, model)
-    total = 0
-    for part in content:
-        if part["type"] == "input_image":
-            total += _image_tokens(part, model)
-        else:
-            total += count_text(str(part.get("text") or part.get("refusal") or ""), model)
-    return total
-
-
-def _image_tokens(part: Mapping[str, Any], model: str) -> int:
-    """An `input_image` part's tokens, by chat completions' rules for an `image_url` one."""
-    # "original" keeps the full resolution: at least what "high" costs.
-    detail = "high" if part["detail"] == "original" else part["detail"]
-    url = part.get("image_url")
-    if url is None:  # an uploaded file (file_id): its size is unknown here
-        return tokens_for(REMOTE_SIZE, detail, model)
-    try:
-        return image_part_tokens({"image_url": {"url": url, "detail": detail}}, model)
-    except ImageProblem as problem:
-        raise invalid(str(problem), "input", problem.code) from None
