@@ -19,7 +19,9 @@ import jsonschema
 import orjson
 import pytest
 
-from pipeline.simulator import SimConfig, Simulator, _go_duration, running_in_thread
+from pipeline.simulator import SimConfig, Simulator, count_text, running_in_thread
+from pipeline.simulator.rate_limits import go_duration
+from pipeline.tokens import text_counter
 
 # Transcribed from the OpenAI OpenAPI description (components/schemas), keeping every
 # required key and the type of each property the simulator sends. The spec is 3.1, so
@@ -639,7 +641,7 @@ def test_request_larger_than_the_whole_tpm_limit_is_request_too_large() -> None:
     ],
 )
 def test_reset_durations_are_go_style(seconds: float, text: str) -> None:
-    assert _go_duration(seconds) == text
+    assert go_duration(seconds) == text
 
 
 # --- directives and faults ----------------------------------------------------------------
@@ -888,3 +890,39 @@ def test_serve_prints_its_url_and_stops_on_sigterm() -> None:
 def test_bad_config_is_refused(config: dict[str, Any], complaint: str) -> None:
     with pytest.raises(ValueError, match=complaint):
         SimConfig(**config)
+
+
+def test_the_simulator_imports_nothing_of_the_client() -> None:
+    # In a fresh interpreter: serve one chat request, then list what was imported.
+    code = """
+import json, sys, urllib.request
+from pipeline.simulator import SimConfig, running_in_thread
+body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+with running_in_thread(SimConfig()) as (base_url, sim):
+    request = urllib.request.Request(
+        base_url + "/chat/completions", json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(request, timeout=10).read()
+print(" ".join(sorted(m for m in sys.modules if m.startswith("pipeline"))))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = done.stdout.split()
+
+    assert "pipeline.simulator.chat" in loaded
+    assert [m for m in loaded if m != "pipeline" and not m.startswith("pipeline.simulator")] == []
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["gpt-4o-mini", "gpt-4.1", "o3-mini", "gpt-4", "gpt-35-turbo", "text-embedding-3-small",
+     "ft:gpt-4o-mini:org::id", "claude-3-5-haiku", "llama3", ""],
+)  # fmt: skip
+def test_the_simulator_counts_text_as_the_client_does(model: str) -> None:
+    # Written apart (the simulator imports nothing of the client), they must still agree:
+    # the client calibrates its limiter from the usage the simulator reports.
+    texts = ["", "Hello, world", "café naïve Straße 日本 данные θάλασσα " * 40, "{}\n\t" * 7]
+
+    assert [count_text(t, model) for t in texts] == [text_counter(model)(t) for t in texts]

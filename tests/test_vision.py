@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.plan import RunOptions, estimate, make_plan
 from pipeline.prompt_images import MAX_IMAGE_BYTES, UNKNOWN_SIZE, image_tokens, load_image
-from pipeline.simulator import vision
+from pipeline.simulator import prompt_images as sim_images
 from pipeline.spec import load_job
 from pipeline.tokens import estimate_tokens, text_counter
 
@@ -52,7 +52,7 @@ def test_client_estimate_matches_the_documented_examples(
 def test_simulator_counts_the_documented_examples(
     size: tuple[int, int], detail: str, model: str, tokens: int
 ) -> None:
-    assert vision.tokens_for(size, detail, model) == tokens
+    assert sim_images.tokens_for(size, detail, model) == tokens
 
 
 @pytest.mark.parametrize("model", ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "o3"])
@@ -62,7 +62,9 @@ def test_client_and_simulator_agree_on_every_size(model: str, detail: str) -> No
              (1, 64, 512, 768, 1024, 2000, 4100)]  # fmt: skip
 
     differ = [
-        s for s in sizes if image_tokens(s, detail, model) != vision.tokens_for(s, detail, model)
+        s
+        for s in sizes
+        if image_tokens(s, detail, model) != sim_images.tokens_for(s, detail, model)
     ]
 
     assert not differ
@@ -222,8 +224,8 @@ def test_a_remote_image_is_not_fetched_and_estimated_at_the_worst_case() -> None
 def test_the_simulator_refuses_an_image_it_cannot_read(url: str, code: str) -> None:
     part = {"type": "image_url", "image_url": {"url": url}}
 
-    with pytest.raises(vision.ImageProblem) as caught:
-        vision.image_part_tokens(part, "gpt-4o")
+    with pytest.raises(sim_images.ImageProblem) as caught:
+        sim_images.image_part_tokens(part, "gpt-4o")
 
     assert caught.value.code == code
 
@@ -233,8 +235,10 @@ def test_the_simulator_reads_the_size_from_the_header_alone() -> None:
     url = "data:image/png;base64," + base64.b64encode(raw).decode()
 
     assert len(url) > 4 * 2**20
-    assert vision.data_url_size(url) == (1500, 900)
-    assert vision.image_part_tokens({"image_url": {"url": url, "detail": "high"}}, "gpt-4o") == (
+    assert sim_images.data_url_size(url) == (1500, 900)
+    assert sim_images.image_part_tokens(
+        {"image_url": {"url": url, "detail": "high"}}, "gpt-4o"
+    ) == (
         85 + 170 * 3 * 2  # 1500 x 900 -> 1280 x 768: 3 x 2 tiles
     )
 

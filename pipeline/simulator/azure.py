@@ -35,15 +35,11 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from pipeline.simulator import (
-    Simulator,
-    _ApiError,
-    _ChatJob,
-    _EmbeddingJob,
-    _Limits,
-    _parse_chat,
-    _parse_embeddings,
-)
+from pipeline.simulator.api_errors import ApiError
+from pipeline.simulator.chat import ChatJob, chat_answer, parse_chat
+from pipeline.simulator.embeddings import embedding_answer, parse_embeddings
+from pipeline.simulator.exchange import Exchange
+from pipeline.simulator.rate_limits import Limits
 
 _VERSION: Final = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
 _DIRECTIVE: Final = re.compile(r"<<sim:(content_filter|filtered)>>")
@@ -63,14 +59,14 @@ _FILTER_MESSAGE: Final = (
 )
 
 
-def add_routes(sim: Simulator, router: web.UrlDispatcher) -> None:
+def add_routes(exchange: Exchange, router: web.UrlDispatcher) -> None:
     """Register Azure's routes; before OpenAI's catch-all /v1/{tail}."""
     for prefix in ("", "/v1"):
         for base, deployed in (("/openai/deployments/{deployment}", True), ("/openai/v1", False)):
             for path, operation in (("/chat/completions", _CHAT), ("/embeddings", _EMBEDDINGS)):
-                handler = functools.partial(_serve, sim, operation, deployed)
+                handler = functools.partial(_serve, exchange, operation, deployed)
                 router.add_post(f"{prefix}{base}{path}", handler)
-        router.add_route("*", f"{prefix}/openai/{{tail:.*}}", functools.partial(_unknown, sim))
+        router.add_route("*", f"{prefix}/openai/{{tail:.*}}", functools.partial(_unknown, exchange))
 
 
 @dataclass(frozen=True)
@@ -79,14 +75,14 @@ class _Operation:
 
     name: str
     parse: Callable[[dict[str, Any]], Any]
-    answer: Callable[[Simulator, Any, bytes], dict[str, Any]]
+    answer: Callable[[Exchange, Any, bytes], dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
 class _AzureChat:
     """A chat request, and whether the simulated filter withholds its answer."""
 
-    inner: _ChatJob
+    inner: ChatJob
     filtered: bool
 
     @property
@@ -103,17 +99,17 @@ class _AzureChat:
 
 
 def _parse_azure_chat(payload: dict[str, Any]) -> _AzureChat:
-    job = _parse_chat(payload)
+    job = parse_chat(payload)
     found = _DIRECTIVE.search(job.directive_text)
     if found is not None and found.group(1) == "content_filter":
-        raise _ApiError(400, _filter_error_body(), tally="faults")
+        raise ApiError(400, _filter_error_body(), tally="faults")
     # Azure's directives are handled here; the shared pipeline must not see them.
     text = _DIRECTIVE.sub("", job.directive_text)
     return _AzureChat(dataclasses.replace(job, directive_text=text), filtered=found is not None)
 
 
-def _chat_answer(sim: Simulator, job: _AzureChat, digest: bytes) -> dict[str, Any]:
-    body = sim._chat_answer(job.inner, digest)
+def _chat_answer(exchange: Exchange, job: _AzureChat, digest: bytes) -> dict[str, Any]:
+    body = chat_answer(exchange, job.inner, digest)
     body.pop("service_tier", None)
     body["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": _verdict()}]
     for choice in body["choices"]:
@@ -127,16 +123,12 @@ def _chat_answer(sim: Simulator, job: _AzureChat, digest: bytes) -> dict[str, An
     return body
 
 
-def _embedding_answer(sim: Simulator, job: _EmbeddingJob, digest: bytes) -> dict[str, Any]:
-    return sim._embedding_answer(job, digest)
-
-
 _CHAT: Final = _Operation("ChatCompletions_Create", _parse_azure_chat, _chat_answer)
-_EMBEDDINGS: Final = _Operation("Embeddings_Create", _parse_embeddings, _embedding_answer)
+_EMBEDDINGS: Final = _Operation("Embeddings_Create", parse_embeddings, embedding_answer)
 
 
 async def _serve(
-    sim: Simulator, operation: _Operation, deployed: bool, request: web.Request
+    exchange: Exchange, operation: _Operation, deployed: bool, request: web.Request
 ) -> web.StreamResponse:
     version = request.query.get("api-version")
     deployment = request.match_info.get("deployment")
@@ -151,29 +143,29 @@ async def _serve(
             return operation.parse(payload)
 
         def answer(job: Any, digest: bytes) -> dict[str, Any]:
-            return operation.answer(sim, job, digest)
+            return operation.answer(exchange, job, digest)
 
-        return await sim._post(request, started, parse, answer)
+        return await exchange.post(request, started, parse, answer)
 
-    return await sim._guarded(request, work, _Azure(operation.name, version))
+    return await exchange.guarded(request, work, _Azure(operation.name, version))
 
 
-async def _unknown(sim: Simulator, request: web.Request) -> web.StreamResponse:
+async def _unknown(exchange: Exchange, request: web.Request) -> web.StreamResponse:
     async def refuse(started: float) -> web.StreamResponse:
-        raise _ApiError(404, _error("404", "Resource not found"))
+        raise ApiError(404, _error("404", "Resource not found"))
 
-    return await sim._guarded(request, refuse, _Azure("", None))
+    return await exchange.guarded(request, refuse, _Azure("", None))
 
 
 def _check_version(version: str | None) -> None:
     if version is None:
-        raise _ApiError(404, _error("404", "Resource not found"))
+        raise ApiError(404, _error("404", "Resource not found"))
     if not _VERSION.match(version):
-        raise _ApiError(400, _error("BadRequest", "API version not supported"))
+        raise ApiError(400, _error("BadRequest", "API version not supported"))
 
 
 class _Azure:
-    """Azure's spelling of auth, errors and headers (the simulator's `_Dialect`)."""
+    """Azure's spelling of auth, errors and headers (an `exchange.Dialect`)."""
 
     def __init__(self, operation: str, version: str | None) -> None:
         self._operation = operation
@@ -196,9 +188,9 @@ class _Azure:
                 "sure to provide a valid key for an active subscription and use a correct "
                 "regional API endpoint for your resource."
             )
-        raise _ApiError(401, _error("401", message))
+        raise ApiError(401, _error("401", message))
 
-    def error(self, error: _ApiError) -> _ApiError:
+    def error(self, error: ApiError) -> ApiError:
         inner = error.body.get("error")
         code = inner.get("code") if isinstance(inner, Mapping) else None
         if error.status == 429 and code == "rate_limit_exceeded":
@@ -211,16 +203,16 @@ class _Azure:
                 f"pricing tier. Please retry after {wait} second{'s' * (wait != '1')}. "
                 + _QUOTA_DOCS
             )
-            return _ApiError(429, _error("429", message), tally=error.tally, headers=error.headers)
+            return ApiError(429, _error("429", message), tally=error.tally, headers=error.headers)
         if error.status == 404 and code == "model_not_found":
             message = (
                 "The API deployment for this resource does not exist. If you created the "
                 "deployment within the last 5 minutes, please wait a moment and try again."
             )
-            return _ApiError(404, _error("DeploymentNotFound", message), tally=error.tally)
+            return ApiError(404, _error("DeploymentNotFound", message), tally=error.tally)
         return error
 
-    def finish(self, response: web.StreamResponse, limits: _Limits) -> None:
+    def finish(self, response: web.StreamResponse, limits: Limits) -> None:
         headers = response.headers
         for name in list(headers):
             if name.lower().startswith(("x-ratelimit-limit-", "x-ratelimit-reset-", "openai-")):

@@ -25,18 +25,17 @@ from typing import Any, Final
 
 import orjson
 
-from pipeline.simulator import (
+from pipeline.simulator.api_errors import (
     FUNCTION_NAME,
-    _ApiError,
-    _bad_name,
-    _ceil4,
-    _fake_json,
-    _invalid,
-    _missing,
-    _not_one_of,
-    _wrong_type,
-    count_text,
+    ApiError,
+    bad_name,
+    invalid,
+    missing,
+    not_one_of,
+    wrong_type,
 )
+from pipeline.simulator.fake_answers import fake_json
+from pipeline.simulator.text_tokens import by_four, count_text
 
 _CHOICES: Final = ("none", "auto", "required")
 _ID_CHARS: Final = string.ascii_letters + string.digits
@@ -56,15 +55,15 @@ class ToolCall:
     ) -> tuple[dict[str, Any], int, int]:
         """One choice calling the tool, its completion tokens and reasoning tokens (0)."""
         try:
-            arguments = orjson.dumps(_fake_json(self.parameters, rng)).decode()
+            arguments = orjson.dumps(fake_json(self.parameters, rng)).decode()
         except (LookupError, TypeError, ValueError, AttributeError) as error:
-            raise _invalid(
+            raise invalid(
                 f"Invalid schema for function '{self.name}': {error!r}",
                 "tools",
                 "invalid_function_parameters",
             ) from None
         finish = "stop" if self.forced else "tool_calls"
-        tokens = _ceil4(len(arguments)) + 1
+        tokens = by_four(len(arguments)) + 1
         if max_tokens is not None and tokens > max_tokens:
             # Cut mid-arguments, as the real API cuts a long call: the JSON is broken.
             arguments, tokens, finish = (
@@ -91,7 +90,7 @@ def tool_to_call(payload: Mapping[str, Any], messages: list[dict[str, Any]]) -> 
     tools = _tools(payload.get("tools"))
     choice = payload.get("tool_choice")
     if choice is not None and not tools:
-        raise _invalid(
+        raise invalid(
             "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
             "are specified.",
             "tool_choice",
@@ -119,9 +118,9 @@ def _tools(raw: Any) -> list[dict[str, Any]]:
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise _wrong_type("tools", "an array", raw)
+        raise wrong_type("tools", "an array", raw)
     if not raw:
-        raise _invalid(
+        raise invalid(
             "Invalid 'tools': empty array. Expected an array with minimum length 1, but got "
             "an empty array instead.",
             "tools",
@@ -130,20 +129,20 @@ def _tools(raw: Any) -> list[dict[str, Any]]:
     functions = []
     for i, tool in enumerate(raw):
         if not isinstance(tool, dict):
-            raise _wrong_type(f"tools[{i}]", "an object", tool)
+            raise wrong_type(f"tools[{i}]", "an object", tool)
         if tool.get("type") != "function":
-            raise _not_one_of(tool.get("type"), ("function", "custom"), f"tools[{i}].type")
+            raise not_one_of(tool.get("type"), ("function", "custom"), f"tools[{i}].type")
         function = tool.get("function")
         if not isinstance(function, dict):
-            raise _missing(f"tools[{i}].function")
+            raise missing(f"tools[{i}].function")
         name = function.get("name")
         if name is None:
-            raise _missing(f"tools[{i}].function.name")
+            raise missing(f"tools[{i}].function.name")
         if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
-            raise _bad_name(f"tools[{i}].function.name")
+            raise bad_name(f"tools[{i}].function.name")
         parameters = function.get("parameters")
         if parameters is not None and not isinstance(parameters, dict):
-            raise _wrong_type(f"tools[{i}].function.parameters", "an object", parameters)
+            raise wrong_type(f"tools[{i}].function.parameters", "an object", parameters)
         functions.append(function)
     return functions
 
@@ -153,15 +152,15 @@ def _named(choice: Any, tools: list[dict[str, Any]]) -> dict[str, Any] | None:
     if choice is None or choice in _CHOICES:
         return None
     if isinstance(choice, str):
-        raise _not_one_of(choice, _CHOICES, "tool_choice")
+        raise not_one_of(choice, _CHOICES, "tool_choice")
     if not isinstance(choice, dict) or choice.get("type") != "function":
-        raise _wrong_type("tool_choice", "a string or a function tool choice object", choice)
+        raise wrong_type("tool_choice", "a string or a function tool choice object", choice)
     name = (choice.get("function") or {}).get("name")
     if name is None:
-        raise _missing("tool_choice.function.name")
+        raise missing("tool_choice.function.name")
     found = next((f for f in tools if f["name"] == name), None)
     if found is None:
-        raise _invalid(
+        raise invalid(
             f"Invalid value for 'tool_choice': function '{name}' is not one of the 'tools'.",
             "tool_choice",
         )
@@ -176,9 +175,9 @@ def check_tool_messages(messages: list[dict[str, Any]]) -> None:
         if role == "tool":
             call_id = message.get("tool_call_id")
             if call_id is None:
-                raise _missing(f"messages[{i}].tool_call_id")
+                raise missing(f"messages[{i}].tool_call_id")
             if call_id not in waiting:
-                raise _invalid(
+                raise invalid(
                     "Invalid parameter: messages with role 'tool' must be a response to a "
                     "preceeding message with 'tool_calls'.",
                     f"messages.[{i}].role",
@@ -198,25 +197,25 @@ def _call_ids(message: Mapping[str, Any], index: int) -> list[str]:
     if calls is None:
         return []
     if not isinstance(calls, list):
-        raise _wrong_type(f"messages[{index}].tool_calls", "an array", calls)
+        raise wrong_type(f"messages[{index}].tool_calls", "an array", calls)
     ids = []
     for j, call in enumerate(calls):
         where = f"messages[{index}].tool_calls[{j}]"
         if not isinstance(call, dict):
-            raise _wrong_type(where, "an object", call)
+            raise wrong_type(where, "an object", call)
         for field in ("id", "function"):
             if field not in call:
-                raise _missing(f"{where}.{field}")
+                raise missing(f"{where}.{field}")
         function = call["function"]
         if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
-            raise _missing(f"{where}.function.arguments")
+            raise missing(f"{where}.function.arguments")
         ids.append(str(call["id"]))
     return ids
 
 
-def _unanswered(waiting: Mapping[str, int]) -> _ApiError:
+def _unanswered(waiting: Mapping[str, int]) -> ApiError:
     index = next(iter(waiting.values()))
-    return _invalid(
+    return invalid(
         "An assistant message with 'tool_calls' must be followed by tool messages responding "
         "to each 'tool_call_id'. The following tool_call_ids did not have response messages: "
         + ", ".join(waiting),

@@ -6,7 +6,7 @@
 The size comes from the image's own header (PNG, JPEG, GIF, WebP), decoded from the
 first bytes of the base64 text: an image is never counted by the length of that text.
 A remote image is not fetched; it counts as `REMOTE_SIZE`. This is written apart from
-the client's estimate (pipeline/media.py), so that each checks the other.
+the client's estimate (pipeline/prompt_images.py), so that each checks the other.
 
 OpenAI's rules (the vision guide's "Calculating costs"): tile models scale the image to
 fit 2048 x 2048, then its short side down to 768, and charge a base plus a price per
