@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -848,6 +849,28 @@ def test_stats_endpoint_counts_requests_per_body() -> None:
     key = hashlib.sha256(orjson.dumps(chat_body("a"))).hexdigest()
     assert stats["by_body"][key] == 2
     assert sum(stats["by_body"].values()) == 5
+
+
+def test_stats_stamp_the_first_request_not_the_listing_before_it() -> None:
+    """`first_request_at`: the wall clock of the first API call, which a benchmark
+    subtracts its spawn time from; a client's `GET /models` check does not set it."""
+
+    async def scenario() -> tuple[float | None, float, float | None, float, float | None]:
+        async with simulated() as client:
+            await client.get("/models")
+            listed = client.sim.stats.first_request_at
+            before = time.time()
+            await client.chat("first")
+            after = time.time()
+            first = client.sim.stats.first_request_at
+            await client.chat("second")
+            return listed, before, first, after, client.sim.stats.as_dict()["first_request_at"]
+
+    listed, before, first, after, reported = run(scenario())
+    assert listed is None
+    assert first is not None
+    assert before <= first <= after
+    assert reported == first, "a later request leaves the stamp as it was"
 
 
 def test_track_bodies_off_still_counts_directive_bodies() -> None:

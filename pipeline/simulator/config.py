@@ -63,6 +63,9 @@ class SimStats:
     tokens: int = 0
     #: GET /models and /models/{id}: not API calls, and not in `requests`.
     listings: int = 0
+    #: Wall clock (`time.time()`) of the first request counted in `requests`; listings
+    #: do not set it. None until one comes: how a benchmark measures a client's start-up.
+    first_request_at: float | None = None
     by_body: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -76,5 +79,6 @@ class SimStats:
             "errors": self.errors,
             "tokens": self.tokens,
             "listings": self.listings,
+            "first_request_at": self.first_request_at,
             "by_body": dict(self.by_body),
         }

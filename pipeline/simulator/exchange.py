@@ -121,6 +121,8 @@ class Exchange:
         """
         started = time.perf_counter()
         if counted:
+            if not self.stats.requests:
+                self.stats.first_request_at = time.time()
             self.stats.requests += 1
         else:
             self.stats.listings += 1
