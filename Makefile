@@ -32,7 +32,8 @@ format: setup
 	$(BIN)/ruff check --fix pipeline tests bench
 
 # Reports, no asserts: what the journal costs (bench/journal.py, about a minute), then
-# the scenarios against a script written the usual way (bench/scenarios.py, about eleven).
+# the scenarios against a script written the usual way and a bare worker pool, the floor
+# (bench/scenarios.py, about ten).
 # One of them: `make bench BENCH=scenarios`. Not by default: `make bench BENCH=independent`
 # runs the sample job as a user would against a strict server written apart from
 # pipeline (bench/independent.py, bench/strict_server.py; about six minutes).

@@ -164,7 +164,7 @@ def scenarios(
         Scenario("misconfigured", 3_000, "short", rate, 32, rpm=4 * RPM, spend=("requests",)),
         Scenario("faults", 3_000, "short", faults, 32, rpm=GENEROUS_RPM, tpm=GENEROUS_TPM),
         Scenario("overhead", 20_000, "short", Server(latency_ms=20), 64, limit_s=240),
-        # The baseline (the SDK) is slow: at 64 only, to keep `make bench` near 15 minutes.
+        # The baseline (the SDK) is slow: at 64 only, to keep `make bench` within 15 minutes.
         lifted("real-64", 64, ("pipeline", "floor", "baseline")),
         lifted("real-256", 256, ("pipeline", "floor")),
         *(
