@@ -55,6 +55,7 @@ def make_endpoint(
     endpoint = _adapter(spec, template, base_url, schema, base_dir)
     if template.images or template.file is not None:
         endpoint.prepare_rows = FILE_PREPARE_ROWS
+        endpoint.prepare_reads_files = True
     return endpoint
 
 

@@ -62,6 +62,9 @@ class Endpoint(ABC):
     #: Rows rendered into requests at a time, ahead of sending: fewer for requests
     #: that carry files (audio, local images), so memory stays bounded.
     prepare_rows: int = 500
+    #: Whether preparing a row reads files (audio, local images): then rows are prepared
+    #: in a thread, so the event loop keeps serving answers meanwhile.
+    prepare_reads_files: bool = False
     #: The output column the answer goes to: "response" (text), "embedding", "image_path".
     answer_column: str = "response"
     #: The most decoded bytes one answer may have (transport.MAX_BODY_BYTES): more for
