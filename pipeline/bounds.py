@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from genai_prices import Usage as PriceUsage
-from genai_prices import calc_price
-
+from pipeline.known_models import remembered
 from pipeline.spec import Job
 
 
@@ -52,6 +50,17 @@ class RowBounds:
 
 def context_window(model: str, provider: str = "openai") -> int | None:
     """The model's context window as genai-prices knows it; None for unknown models."""
+    window: int | None = remembered(
+        f"context_window {provider} {model}", lambda: _context_window(model, provider)
+    )
+    return window
+
+
+def _context_window(model: str, provider: str) -> int | None:
+    # Imported here, only when not remembered: see known_models.py.
+    from genai_prices import Usage as PriceUsage
+    from genai_prices import calc_price
+
     usage = PriceUsage(input_tokens=1, output_tokens=1)
     for provider_id in (provider if provider != "azure" else "openai", None):
         try:

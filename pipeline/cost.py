@@ -4,23 +4,23 @@
     pricer.cost(Usage(prompt_tokens=1000, completion_tokens=64))   # 0.0001884
 
 Prices come from genai-prices, looked up once per run; a job's [price] table overrides
-them (self-hosted models: all zeros). Cached prompt tokens cost the cached price,
-prompt tokens written to Anthropic's cache the (dearer) cache-write price,
+them (self-hosted models: all zeros). A flat price is remembered by genai-prices'
+version (known_models.py), so later runs start without importing it. Cached prompt
+tokens cost the cached price, prompt tokens written to Anthropic's cache the (dearer)
+cache-write price,
 audio tokens the audio price; audio billed by duration costs its seconds, and a model
 priced per image its requests (`per_request_usd` in [price]).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import genai_prices
-from genai_prices import Usage as PriceUsage
-from genai_prices import calc_price
-
 from pipeline.errors import SpecError
+from pipeline.known_models import remembered, version
 from pipeline.records import Usage
 from pipeline.spec import PriceSpec
 
@@ -75,9 +75,22 @@ def make_pricer(model: str, override: PriceSpec | None) -> Pricer:
             per_audio_second=override.per_minute_usd / 60,
             per_request=override.per_request_usd,
         )
+    found = remembered(f"price {model}", lambda: _flat_price(model))
+    if found is not None:
+        return Pricer(**found)
+    # A tiered price: genai-prices' own object prices it, so it is not remembered.
+    return _from_genai_prices(model, f"genai-prices {version()}")
+
+
+def _flat_price(model: str) -> dict[str, Any] | None:
+    """The Pricer's fields for a flat price (JSON, to remember), None for a tiered one."""
+    pricer = _from_genai_prices(model, f"genai-prices {version()}")
+    return None if pricer.tiered is not None else dataclasses.asdict(pricer)
+
+
+def _from_genai_prices(model: str, source: str) -> Pricer:
     price = _lookup(model)
     rates = [price.input_mtok, price.output_mtok, price.cache_read_mtok, price.cache_write_mtok]
-    source = f"genai-prices {genai_prices.__version__}"
     if any(v is not None and _flat(v) is None for v in rates):
         return Pricer(source=source, input=0, output=0, cached_input=0, tiered=price)
     input_, output, cached, write = (_flat(v) for v in rates)
@@ -99,6 +112,11 @@ def _flat(value: Any) -> float | None:
 
 
 def _lookup(model: str) -> Any:
+    # Imported here, only on a cache miss: see the module's docstring.
+    import genai_prices
+    from genai_prices import Usage as PriceUsage
+    from genai_prices import calc_price
+
     usage = PriceUsage(input_tokens=1, output_tokens=1)
     for provider in ("openai", None):
         try:
@@ -114,6 +132,8 @@ def _lookup(model: str) -> Any:
 
 
 def _tiered_cost(price: Any, usage: Usage) -> float:
+    from genai_prices import Usage as PriceUsage  # loaded already: the price is its object
+
     calc = price.calc_price(
         PriceUsage(
             input_tokens=usage.prompt_tokens,

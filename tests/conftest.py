@@ -29,9 +29,16 @@ from pipeline.limits import Limiter
 from pipeline.simulator import SimConfig, Simulator, running_in_thread
 
 
+@pytest.fixture(scope="session")
+def _cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never see the developer's real key or base URL."""
+def _clean_env(monkeypatch: pytest.MonkeyPatch, _cache_home: Path) -> None:
+    """Tests never see the developer's real key or base URL, nor write to their cache
+    (known_models.py keeps what genai-prices said there)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_cache_home))
     for name in (
         "OPENAI_API_KEY",
         "OPENAI_BASE_URL",

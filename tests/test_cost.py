@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -55,3 +61,40 @@ def test_cost_is_additive(a: Usage, b: Usage) -> None:
     )
 
     assert pricer.cost(both) == pytest.approx(pricer.cost(a) + pricer.cost(b))
+
+
+def _price_in_child(cache: Path) -> tuple[dict[str, object], bool]:
+    """gpt-4o-mini's prices as a fresh interpreter finds them, and whether it imported
+    genai-prices to find them."""
+    code = (
+        "import dataclasses, json, sys\n"
+        "from pipeline.cost import make_pricer\n"
+        "p = make_pricer('gpt-4o-mini', None)\n"
+        "print(json.dumps([dataclasses.asdict(p), 'genai_prices' in sys.modules]))\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    fields, imported = json.loads(out.stdout)
+    return fields, imported
+
+
+def test_a_flat_price_is_cached_and_a_later_run_skips_genai_prices(tmp_path: Path) -> None:
+    first, imported_first = _price_in_child(tmp_path)
+    assert imported_first
+    assert (tmp_path / "pipeline" / "models.json").is_file()
+    second, imported_second = _price_in_child(tmp_path)
+    assert not imported_second
+    assert second == first
+    assert first["input"] == pytest.approx(0.15)  # gpt-4o-mini, USD per million
+
+
+def test_an_unreadable_price_cache_is_looked_up_again_and_rewritten(tmp_path: Path) -> None:
+    cache = tmp_path / "pipeline" / "models.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text("{not json", encoding="utf-8")
+    fields, imported = _price_in_child(tmp_path)
+    assert imported
+    assert fields["output"] == pytest.approx(0.6)
+    assert json.loads(cache.read_text(encoding="utf-8"))  # written anew, readable
