@@ -12,15 +12,13 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
-
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, TextIO
 
 from pipeline.dispatch import DispatchStats
 from pipeline.records import RowResult
+
+if TYPE_CHECKING:  # imported on a terminal only (Display.__aenter__)
+    from rich.progress import Progress, TaskID
 
 #: How often the plain (non-terminal) display prints a line.
 PLAIN_INTERVAL_S = 5.0
@@ -86,6 +84,10 @@ class Display:
 
     async def __aenter__(self) -> Display:
         if self._live:
+            # rich only on a terminal (cron and CI get plain lines): start-up time.
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -138,6 +140,10 @@ def _duration(seconds: float) -> str:
 
 
 def summary_table(title: str, rows: Sequence[tuple[str, str]], stream: TextIO) -> None:
+    from rich.console import Console  # at the end of a run: not on the way to the first request
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")

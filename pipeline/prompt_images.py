@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from pipeline.errors import RowProblem
 
 #: Servers take images up to this size (OpenAI: 50 MB per request, 20 MB per image).
@@ -74,6 +72,8 @@ def load_images(
 
 
 def _inspect(raw: bytes, path: Path) -> tuple[tuple[int, int], str]:
+    from PIL import Image, UnidentifiedImageError  # only for images: start-up time
+
     try:
         with Image.open(io.BytesIO(raw)) as image:
             size, kind = image.size, image.format
@@ -86,6 +86,8 @@ def _inspect(raw: bytes, path: Path) -> tuple[tuple[int, int], str]:
 
 
 def _size_of_base64(data: str) -> tuple[int, int] | None:
+    from PIL import Image, UnidentifiedImageError  # only for images: start-up time
+
     try:
         with Image.open(io.BytesIO(base64.b64decode(data, validate=False))) as image:
             return image.size
