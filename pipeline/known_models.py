@@ -45,14 +45,19 @@ def remembered(key: str, find: Callable[[], Any], *, keep: bool = True) -> Any:
     return value
 
 
-def cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+def cache_file() -> Path | None:
+    """Where the cache is; None when there is no home to keep it in."""
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:  # no HOME and no passwd entry: run without the cache
+        return None
     return Path(base) / "pipeline" / "models.json"
 
 
 def _read() -> dict[str, Any]:
+    path = cache_file()
     try:
-        data = orjson.loads(cache_file().read_bytes())
+        data = orjson.loads(path.read_bytes()) if path is not None else {}
     except (OSError, orjson.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -60,6 +65,8 @@ def _read() -> dict[str, Any]:
 
 def _write(data: dict[str, Any]) -> None:
     path = cache_file()
+    if path is None:
+        return
     with contextlib.suppress(OSError, TypeError):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".models-", suffix=".tmp")
