@@ -9,12 +9,10 @@ stop once it is spent, and what a crashed run's requests in flight may have cost
 
 from __future__ import annotations
 
-import math
-
 from pipeline.errors import BudgetReached, BudgetTooSmall
 from pipeline.journal import Journal
 from pipeline.plan import Plan, estimate
-from pipeline.progress import Counters
+from pipeline.progress import Counters, plural, usd
 from pipeline.records import Stop, Usage
 
 
@@ -82,14 +80,3 @@ def resume_note(plan: Plan, journal: Journal, done: int) -> str | None:
             f"sent again, and what they cost before is billed again (at most ${most:.4f})"
         )
     return note
-
-
-def usd(amount: float) -> str:
-    """Dollars to four places, or to three significant digits below a cent."""
-    if amount == 0 or amount >= 0.01:
-        return f"${amount:,.4f}"
-    return f"${amount:.{2 - math.floor(math.log10(amount))}f}"
-
-
-def plural(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import os
 import sqlite3
 import sys
@@ -30,7 +29,7 @@ from pipeline.plan import (
     journal_path,
     make_plan,
 )
-from pipeline.progress import summary_table
+from pipeline.progress import plural, summary_table, usd
 from pipeline.redact import env_keys, redact_all
 from pipeline.run import execute
 from pipeline.spec import load_job
@@ -151,7 +150,7 @@ def run(job: Path, input_: Path | None, **flags: Any) -> None:
             ("rows", f"{s['rows']:,} ({s['resumed']:,} done by an earlier run)"),
             (
                 "this run",
-                f"{_count(s['requests_sent'], 'request')} sent, {s['retries']:,} retried, "
+                f"{plural(s['requests_sent'], 'request')} sent, {s['retries']:,} retried, "
                 f"{s['rate_limited']:,} rate-limited, ${s['cost_this_run_usd']:.6f}",
             ),
             (
@@ -255,7 +254,7 @@ def estimate_command(job: Path, input_: Path | None, **flags: Any) -> None:
         [
             ("prompt tokens", f"{e.prompt_tokens:,} (estimated, no tokenizer)"),
             ("completion", f"at most {e.max_completion_tokens:,} tokens (rows x max_tokens)"),
-            ("cost", f"{_usd(e.cost_low)} to {_usd(e.cost_high)} ({plan.pricer.source})"),
+            ("cost", f"{usd(e.cost_low)} to {usd(e.cost_high)} ({plan.pricer.source})"),
             ("duration", duration),
             ("rejected", f"{e.rejected:,} rows would fail before sending"),
         ],
@@ -337,16 +336,3 @@ def simulate(host: str, port: int, faults: str, **config: Any) -> None:
             f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port "
             "(0 picks a free one) or --host"
         ) from None
-
-
-def _usd(amount: float) -> str:
-    """Dollars to four places, or to three significant digits below a cent, so that a
-    cheap job (embeddings) does not show $0.0000."""
-    if amount == 0 or amount >= 0.01:
-        return f"${amount:,.4f}"
-    places = 2 - math.floor(math.log10(amount))
-    return f"${amount:.{places}f}"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"

@@ -8,6 +8,7 @@ requests); the display only reads them.
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -151,3 +152,16 @@ def summary_table(title: str, rows: Sequence[tuple[str, str]], stream: TextIO) -
         # Text, not markup: "[price]" or a path with brackets must print as it is.
         table.add_row(Text(name), Text(value))
     Console(file=stream, soft_wrap=True).print(table)
+
+
+def usd(amount: float) -> str:
+    """Dollars to four places, or to three significant digits below a cent, so that a
+    cheap job (embeddings) does not show $0.0000."""
+    if amount == 0 or amount >= 0.01:
+        return f"${amount:,.4f}"
+    return f"${amount:.{2 - math.floor(math.log10(amount))}f}"
+
+
+def plural(n: int, noun: str) -> str:
+    """`n` and the noun, plural unless there is one: "1 row", "2,000 rows"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

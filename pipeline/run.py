@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import orjson
 
 from pipeline import __version__
-from pipeline.budget import Spent, check_budget, plural, resume_note
+from pipeline.budget import Spent, check_budget, resume_note
 from pipeline.dedupe import Dedupe
 from pipeline.dispatch import DispatchStats
 from pipeline.errors import JobError, OutputError, PipelineError
@@ -60,7 +60,7 @@ from pipeline.parse import to_results
 from pipeline.plan import BATCH_ROWS, Plan, fingerprint, limited
 from pipeline.preflight import check_server
 from pipeline.prepare import RequestBuilder, Requests
-from pipeline.progress import Counters, Display
+from pipeline.progress import Counters, Display, plural
 from pipeline.records import Outcome, RowResult, Stop, Work
 from pipeline.redact import redact, redact_result
 from pipeline.signals import draining

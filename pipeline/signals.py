@@ -28,6 +28,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from pipeline.errors import Interrupted, Terminated
+from pipeline.progress import plural
 from pipeline.records import Stop
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -98,7 +99,7 @@ def draining(
         abandoned = abandon()
         stop.reason = stopped(
             sig,
-            f"interrupted: {_plural(abandoned, 'request')} still in flight after "
+            f"interrupted: {plural(abandoned, 'request')} still in flight after "
             f"{DRAIN_S:g} s {'was' if abandoned == 1 else 'were'} abandoned (the server may "
             "bill them; a resume sends them again); finished rows are kept and the output "
             "is written",
@@ -122,7 +123,3 @@ def draining(
         finally:
             for handle in drain:
                 handle.cancel()
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
