@@ -75,17 +75,19 @@ def make_pricer(model: str, override: PriceSpec | None) -> Pricer:
             per_audio_second=override.per_minute_usd / 60,
             per_request=override.per_request_usd,
         )
-    found = remembered(f"price {model}", lambda: _flat_price(model))
+    source = f"genai-prices {version()}"
+    looked_up: list[Pricer] = []
+
+    def flat_price() -> dict[str, Any] | None:
+        """The Pricer's fields for a flat price (JSON, to remember); None for a tiered
+        one, which genai-prices' own object prices, so it is looked up each run."""
+        looked_up.append(_from_genai_prices(model, source))
+        return None if looked_up[0].tiered is not None else dataclasses.asdict(looked_up[0])
+
+    found = remembered(f"price {model}", flat_price)
     if found is not None:
         return Pricer(**found)
-    # A tiered price: genai-prices' own object prices it, so it is not remembered.
-    return _from_genai_prices(model, f"genai-prices {version()}")
-
-
-def _flat_price(model: str) -> dict[str, Any] | None:
-    """The Pricer's fields for a flat price (JSON, to remember), None for a tiered one."""
-    pricer = _from_genai_prices(model, f"genai-prices {version()}")
-    return None if pricer.tiered is not None else dataclasses.asdict(pricer)
+    return looked_up[0] if looked_up else _from_genai_prices(model, source)
 
 
 def _from_genai_prices(model: str, source: str) -> Pricer:

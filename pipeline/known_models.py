@@ -14,6 +14,7 @@ up again; one that cannot be written is no reason to fail a run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import os
 import tempfile
@@ -27,21 +28,21 @@ import orjson
 DISTRIBUTION = "genai-prices"
 
 
+@functools.cache
 def version() -> str:
     """genai-prices' version, read from its metadata without importing it."""
     return importlib.metadata.version(DISTRIBUTION)
 
 
-def remembered(key: str, find: Callable[[], Any], *, keep: bool = True) -> Any:
-    """`find()`'s answer for `key` as this genai-prices version gave it before, or found
-    now (and kept, unless `keep` is False: an answer JSON cannot hold)."""
+def remembered(key: str, find: Callable[[], Any]) -> Any:
+    """`find()`'s answer for `key` (a JSON value) as this genai-prices version gave it
+    before, or found now and kept."""
     current = version()
     table = _read().get(current, {})
     if key in table:
         return table[key]
     value = find()
-    if keep:
-        _write({current: {**table, key: value}})  # other versions' tables go
+    _write({current: {**table, key: value}})  # other versions' tables go
     return value
 
 
@@ -54,7 +55,9 @@ def cache_file() -> Path | None:
     return Path(base) / "pipeline" / "models.json"
 
 
+@functools.cache
 def _read() -> dict[str, Any]:
+    """The cache's tables, read once a process (`_write` refreshes them)."""
     path = cache_file()
     try:
         data = orjson.loads(path.read_bytes()) if path is not None else {}
@@ -64,6 +67,7 @@ def _read() -> dict[str, Any]:
 
 
 def _write(data: dict[str, Any]) -> None:
+    _read.cache_clear()
     path = cache_file()
     if path is None:
         return
