@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.errors import NullValue, RenderFailed, TemplateError
-from pipeline.render import Renderer
+from pipeline.render import MAX_RENDER_CHARS, Renderer
 from pipeline.spec import TemplateSpec
 from pipeline.tokens import bytes_over_four, estimate_tokens
 
@@ -73,3 +73,11 @@ def test_token_estimate_rounds_up_and_counts_non_ascii_bytes() -> None:
 
     assert ascii_ >= 100
     assert wide > ascii_
+
+
+def test_a_value_counts_once_against_the_render_size_limit() -> None:
+    # A value of 60% of the limit is well within it: counted once, not once as the
+    # expression's value and again as the text it becomes.
+    text = "x" * (MAX_RENDER_CHARS * 6 // 10)
+    prompt = renderer().render({"id": 1, "text": text})
+    assert prompt.messages[-1]["content"] == text
