@@ -2,6 +2,8 @@
 
     bounds = RowBounds.for_job(job)
     problem = bounds.problem(prompt_tokens=130_000, request_tokens=130_064)   # str | None
+    sizer = RowSizer(job, endpoint, renderer)
+    sizer.size(row)        # the row's Item, or RowRejected / PromptTooLarge: not sent
 
 Two limits no retry can meet: the model's context window (a longer prompt is refused
 with a 400 after a round trip, or truncated by a local server), and the job's TPM (a
@@ -13,9 +15,18 @@ not know (a local one) is not checked.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from pipeline.endpoints import Endpoint, Item
+from pipeline.errors import PromptTooLarge, RenderLimit, RowProblem, RowRejected
 from pipeline.known_models import remembered
+from pipeline.render import Renderer
 from pipeline.spec import Job
+
+#: Rows past the render limits in a row after which a run halts and a check of every
+#: row stops: the template loops whatever the row, and each such row takes the render
+#: time limit to find out.
+LIMIT_ROWS = 3
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,41 @@ class RowBounds:
                 "row; not sent"
             )
         return None
+
+
+class RowSizer:
+    """A row made into its part of a request, as a run makes it and as validate and
+    estimate see it: the endpoint's item, or why the row fails before sending. It counts
+    the rows in a row that ran past the render limits: LIMIT_ROWS of them say the
+    template loops whatever the row (each costs MAX_RENDER_S to find out)."""
+
+    def __init__(self, job: Job, endpoint: Endpoint, renderer: Renderer) -> None:
+        self._endpoint, self._renderer = endpoint, renderer
+        self._bounds = RowBounds.for_job(job)
+        #: What a row's answer may add to its request's tokens (max_tokens).
+        self.output_tokens = endpoint.max_output_tokens()
+        #: Rows in a row that ran past the render limits, and the last one's reason.
+        self.runaway = 0
+        self.last_limit = ""
+
+    def size(self, row: dict[str, Any]) -> Item | RowRejected | PromptTooLarge:
+        try:
+            item = self._endpoint.item(self._renderer.render(row))
+        except RowProblem as exc:
+            limit = isinstance(exc, RenderLimit)
+            self.runaway = self.runaway + 1 if limit else 0
+            self.last_limit = str(exc) if limit else self.last_limit
+            return RowRejected(str(exc))
+        self.runaway = 0
+        tokens = item.tokens
+        problem = self._bounds.problem(
+            prompt_tokens=tokens, request_tokens=tokens + self.output_tokens
+        )
+        return item if problem is None else PromptTooLarge(problem)
+
+    @property
+    def runaway_reached(self) -> bool:
+        return self.runaway >= LIMIT_ROWS
 
 
 def context_window(model: str, provider: str = "openai") -> int | None:

@@ -18,10 +18,15 @@ from urllib.parse import urlsplit
 
 import polars as pl
 
-from pipeline.bounds import RowBounds
+from pipeline.bounds import RowSizer
 from pipeline.cost import Pricer, make_pricer
-from pipeline.endpoints import Endpoint, Provider, make_endpoint, make_provider
-from pipeline.errors import InputError, JobError, RenderLimit, RowProblem, SpecError, TemplateError
+from pipeline.endpoints import Endpoint, Item, Provider, make_endpoint, make_provider
+from pipeline.errors import (
+    InputError,
+    JobError,
+    SpecError,
+    TemplateError,
+)
 from pipeline.json_schemas import answer_fields, check_field_names, check_schemas
 from pipeline.output import check_writable, output_format, result_columns
 from pipeline.parse import AnswerCheck, OutputShape
@@ -50,9 +55,6 @@ from pipeline.trust import (
 
 #: Rows read, rendered and queued at a time: bounds memory whatever the input's size.
 BATCH_ROWS = 2_000
-#: Rows past the render limits after which a check of every row stops: the template
-#: loops whatever the row, and each such row takes the render time limit to find out.
-LIMIT_ROWS = 3
 #: Failing rows `validate` names, with their reasons, before it gives the count.
 FAILING_SHOWN = 5
 #: Rows written, with made-up answers, through the real output writer before sending:
@@ -377,29 +379,23 @@ class _Runaway(Exception):
 def _sized_rows(
     plan: Plan, done: Callable[[int, int], set[int]] | None = None
 ) -> Iterator[tuple[int, int, str | None]]:
-    """Each row (up to --limit, less those `done(first, last)` holds) made into its part
-    of a request as a run makes it, sending nothing: (row, prompt tokens, why it would
-    fail or None). Raises _Runaway once LIMIT_ROWS rows ran past the render limits,
-    since each of those takes MAX_RENDER_S to find out."""
-    too_big = RowBounds.for_job(plan.job)
-    out = plan.endpoint.max_output_tokens()
-    limits = 0
+    """Each row (up to --limit, less those `done(first, last)` holds) sized by RowSizer,
+    sending nothing: (row, prompt tokens, why it would fail or None). Raises _Runaway
+    once LIMIT_ROWS rows in a row ran past the render limits."""
+    sizer = RowSizer(plan.job, plan.endpoint, plan.renderer)
     for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
         index = batch.get_column(ROW_INDEX)
         skip = done(int(index.min()), int(index.max())) if done and batch.height else set()  # type: ignore[arg-type]
         for row in batch.iter_rows(named=True):
             if row[ROW_INDEX] in skip:
                 continue
-            try:
-                tokens = plan.endpoint.item(plan.renderer.render(row)).tokens
-            except RowProblem as exc:
-                yield row[ROW_INDEX], 0, str(exc)
-                limits += isinstance(exc, RenderLimit)
-                if limits >= LIMIT_ROWS:
-                    raise _Runaway(limits, str(exc)) from None
+            sized = sizer.size(row)
+            if isinstance(sized, Item):
+                yield row[ROW_INDEX], sized.tokens, None
                 continue
-            problem = too_big.problem(prompt_tokens=tokens, request_tokens=tokens + out)
-            yield row[ROW_INDEX], tokens, problem
+            yield row[ROW_INDEX], 0, str(sized)
+            if sizer.runaway_reached:
+                raise _Runaway(sizer.runaway, sizer.last_limit)
 
 
 def check_rows(plan: Plan) -> RowCheck:

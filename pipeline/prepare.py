@@ -21,13 +21,13 @@ from typing import Any, Protocol
 
 import polars as pl
 
-from pipeline.bounds import RowBounds
+from pipeline.bounds import RowSizer
 from pipeline.dedupe import Dedupe, request_digest
-from pipeline.endpoints import Endpoint, Provider
+from pipeline.endpoints import Endpoint, Item, Provider
 from pipeline.endpoints.base import JSON
-from pipeline.errors import Halted, PromptTooLarge, RenderLimit, RowProblem, RowRejected
+from pipeline.errors import Halted
 from pipeline.journal import Journal
-from pipeline.plan import BATCH_ROWS, LIMIT_ROWS, Plan, limited
+from pipeline.plan import BATCH_ROWS, Plan, limited
 from pipeline.records import (
     ROW_INDEX,
     UNSENT,
@@ -131,10 +131,8 @@ class Requests:
         self._dedupe = dedupe
         self._sink = sink
         self._stop = stop
-        #: Rows too big to ever be answered fail before sending.
-        self._bounds = RowBounds.for_job(plan.job)
-        #: Rows in a row that ran past the render limits (each costs MAX_RENDER_S).
-        self._runaway = 0
+        #: Each row's item, or why it fails before sending (as validate sees it too).
+        self._sizer = RowSizer(plan.job, plan.endpoint, plan.renderer)
 
     async def stream(self) -> AsyncIterator[Work]:
         """Work to send, batch by batch, until the input ends or the run stops."""
@@ -187,8 +185,7 @@ class Requests:
             int(rows.max()),  # type: ignore[arg-type]
             failed_too=not self._plan.options.retry_failed,
         )
-        renderer, endpoint = self._plan.renderer, self._plan.endpoint
-        extra_tokens = endpoint.max_output_tokens()
+        endpoint = self._plan.endpoint
         works: list[Work] = []
         ready: list[Outcome | RowResult] = []
         for row in batch.iter_rows(named=True):
@@ -197,20 +194,14 @@ class Requests:
             index = row[ROW_INDEX]
             if index in done:
                 continue
-            try:
-                item = endpoint.item(renderer.render(row))
-            except RowProblem as exc:
-                ready.append(rejected(index, RowRejected(str(exc))))
-                self._count_runaway(exc)
+            sized = self._sizer.size(row)
+            if not isinstance(sized, Item):
+                ready.append(rejected(index, sized))
+                self._halt_if_runaway()
                 continue
-            self._runaway = 0
-            size = item.tokens + extra_tokens
-            too_big = self._bounds.problem(prompt_tokens=item.tokens, request_tokens=size)
-            if too_big is not None:
-                ready.append(rejected(index, PromptTooLarge(too_big)))
-                continue
-            digests, weights = (request_digest(item.key),), (item.tokens,)
-            works.append(Work((index,), UNSENT, size, digests, weights, item.payload))
+            size = sized.tokens + self._sizer.output_tokens
+            digests, weights = (request_digest(sized.key),), (sized.tokens,)
+            works.append(Work((index,), UNSENT, size, digests, weights, sized.payload))
         if self._dedupe is not None:
             works, shared = self._dedupe.known(works)
             ready.extend(shared)
@@ -219,15 +210,15 @@ class Requests:
                 work.request = self._build([work.payload])
         return works, ready
 
-    def _count_runaway(self, exc: RowProblem) -> None:
+    def _halt_if_runaway(self) -> None:
         """A template past its render limits row after row loops whatever the row: stop
         rather than spend MAX_RENDER_S on each of a million rows."""
-        self._runaway = self._runaway + 1 if isinstance(exc, RenderLimit) else 0
-        if self._runaway >= LIMIT_ROWS:
+        sizer = self._sizer
+        if sizer.runaway_reached:
             self._stop.ask(
                 Halted(
-                    f"{self._runaway} rows in a row ran past the render limits ({exc}): the "
-                    "template is what to fix; `pipeline validate` shows the rows (done rows "
-                    "are kept)"
+                    f"{sizer.runaway} rows in a row ran past the render limits "
+                    f"({sizer.last_limit}): the template is what to fix; `pipeline validate` "
+                    "shows the rows (done rows are kept)"
                 )
             )

@@ -336,6 +336,20 @@ def test_validate_stops_checking_a_template_that_always_loops(tmp_path: Path) ->
     assert "stopped after 3 of 20 rows" in result.stderr
 
 
+def test_validate_checks_on_past_runaway_rows_that_are_not_in_a_row(tmp_path: Path) -> None:
+    # Every other row runs past the size limit (found at once, no time limit to wait
+    # out): never LIMIT_ROWS in a row, so every row is checked, as a run would send them.
+    rows = [{"id": i, "text": f"row {i}"} for i in range(10)]
+    every_other = "{% if id|int is even %}{{ text * 1000000000 }}{% else %}{{ text }}{% endif %}"
+    job = write_job(tmp_path, rows, template={"user": every_other})
+
+    result = invoke("validate", job, "--rows", "0")
+
+    assert result.exit_code == 2
+    assert "5 of 10 rows would fail" in result.stderr
+    assert "stopped after" not in result.stderr
+
+
 def test_ctrl_c_ends_a_run_while_renders_loop(tmp_path: Path, sim: Server) -> None:
     # Every other row loops, so the run never meets LIMIT_ROWS runaway rows in a row
     # (which halts it by itself) and is still rendering when Ctrl-C comes.
