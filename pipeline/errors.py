@@ -273,3 +273,9 @@ class RenderFailed(RowProblem):
 
 class RenderLimit(RenderFailed):
     """The template ran past the render time or size limit on this row."""
+
+
+def first_line(err: Exception) -> str:
+    """A foreign exception's message, cut to its first line for ours to quote."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__

@@ -458,9 +458,3 @@ def list_names(names: list[str]) -> str:
 def _preview(value: list[str] | bytes) -> str:
     text = ",".join(value) if isinstance(value, list) else value.decode(errors="replace").strip()
     return f"`{text[:PREVIEW_CHARS]}{'...' if len(text) > PREVIEW_CHARS else ''}`"
-
-
-def first_line(err: Exception) -> str:
-    """A foreign exception's message, cut to its first line for ours to quote."""
-    lines = str(err).strip().splitlines()
-    return lines[0][:200] if lines else type(err).__name__

@@ -36,9 +36,10 @@ from pipeline.errors import (
     OutputError,
     OutputRefused,
     SpecError,
+    first_line,
 )
-from pipeline.journal import Journal
-from pipeline.parse import RESULT_SCHEMA, OutputShape
+from pipeline.journal import RESULTS_SCHEMA, Journal
+from pipeline.parse import OutputShape
 from pipeline.records import ROW_INDEX, Answer, Work
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
@@ -309,10 +310,9 @@ def check_writable(path: Path, batch: pl.DataFrame, *, shape: OutputShape, prefi
     try:
         frame = _joined(batch, _sample_results(batch, shape), shape, prefix)
     except _WRITE_ERRORS as exc:
-        lines = str(exc).strip().splitlines()
         raise JobError(
             f"the output {path} cannot be made from this input and job "
-            f"({lines[0][:200] if lines else type(exc).__name__}); rename the input's columns "
+            f"({first_line(exc)}); rename the input's columns "
             'or set [output] prefix = "llm_"'
         ) from None
     with tempfile.TemporaryDirectory(prefix="pipeline-check-") as folder:
@@ -335,10 +335,11 @@ def _sample_results(batch: pl.DataFrame, shape: OutputShape) -> pl.DataFrame:
     answer = "{}" if shape.fields is not None else _SAMPLE_ANSWERS.get(shape.answer, "x")
     values = {"status": "ok", "response": answer}
     height = batch.height
-    columns = [batch.get_column(ROW_INDEX).cast(pl.Int64).alias("row")]
+    columns = [batch.get_column(ROW_INDEX).cast(RESULTS_SCHEMA["row"]).alias("row")]
     columns.extend(
         pl.Series(name, [values.get(name)] * height, dtype=dtype)
-        for name, dtype in {**RESULT_SCHEMA, "tool_calls": pl.String()}.items()
+        for name, dtype in RESULTS_SCHEMA.items()
+        if name != "row"
     )
     return pl.DataFrame(columns)
 
@@ -348,8 +349,7 @@ def _write_problem(tmp: Path, fmt: str, frame: pl.DataFrame) -> str | None:
     try:
         writer(tmp, iter([frame]), {})
     except _WRITE_ERRORS as exc:
-        lines = str(exc).strip().splitlines()
-        return lines[0][:200] if lines else type(exc).__name__
+        return first_line(exc)
     return None
 
 

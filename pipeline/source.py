@@ -29,6 +29,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import first_line
 from pipeline.input_checks import (
     check_content,
     check_file,
@@ -37,7 +38,6 @@ from pipeline.input_checks import (
     check_no_bom,
     csv_header,
     csv_problem,
-    first_line,
     input_error,
     list_names,
     ndjson_problem,

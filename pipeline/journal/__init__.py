@@ -11,6 +11,22 @@ file before SQLite reads it (the lock, truncation, a lost -wal, --fresh's backup
 `writer.py` is the one task that commits, in groups.
 """
 
-from pipeline.journal.store import FORMAT, FORMAT_VERSION, SENDING, InFlight, Journal, Totals
+from pipeline.journal.store import (
+    FORMAT,
+    FORMAT_VERSION,
+    RESULTS_SCHEMA,
+    SENDING,
+    InFlight,
+    Journal,
+    Totals,
+)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "SENDING", "InFlight", "Journal", "Totals"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "RESULTS_SCHEMA",
+    "SENDING",
+    "InFlight",
+    "Journal",
+    "Totals",
+]

@@ -54,6 +54,8 @@ from pipeline.records import RowResult
 _OPTIONAL = {"tool_calls": pl.String()}
 #: What `results` returns: the row and the output's result columns.
 _COLUMNS = ("row", *RESULT_SCHEMA, *_OPTIONAL)
+#: The frame `results` returns: the row, then every result column with its type.
+RESULTS_SCHEMA: dict[str, pl.DataType] = {"row": pl.Int64(), **RESULT_SCHEMA, **_OPTIONAL}
 #: What is stored: RowResult's fields, in order.
 _STORED = ("row", "request_hash", *RESULT_SCHEMA, *_OPTIONAL)
 #: SQLite allows 999 parameters in one statement on old builds; stay well under.
@@ -406,8 +408,7 @@ class Journal:
             f"WHERE row BETWEEN ? AND ? AND {_DONE} ORDER BY row",
             (first, last),
         )
-        schema = {"row": pl.Int64(), **RESULT_SCHEMA, **_OPTIONAL}
-        return pl.DataFrame(cursor.fetchall(), schema=schema, orient="row")
+        return pl.DataFrame(cursor.fetchall(), schema=RESULTS_SCHEMA, orient="row")
 
     @_reading
     def in_flight(self) -> InFlight:
