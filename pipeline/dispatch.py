@@ -196,7 +196,7 @@ class Dispatcher:
                 tries += 1
                 last = not failure.should_retry or tries >= self._policy.max_attempts
                 if failure.outage or _gateway_down(failure):
-                    halt = self.faults.outage(failure, gave_up=last, early=failure.outage)
+                    halt = self.faults.outage(failure, gave_up=last)
                     if halt is not None:
                         self.stop(halt)
                         await self._forget(work, recorded and not billed)

@@ -2,7 +2,7 @@
 
     watch = FaultWatch(clock=time.monotonic)
     watch.succeeded()                          # any answer: the server serves
-    halt = watch.outage(failure, gave_up=False, early=True)   # Halted, or None to retry
+    halt = watch.outage(failure, gave_up=False)   # Halted, or None to retry
     pause, halt = watch.rate_limited(failure.retry_after, base_s=0.5)
 
 Dispatch retries a failure row by row; that is right for a fault that clears (a reset, a
@@ -50,16 +50,16 @@ class FaultWatch:
         self._storm_since = None
         self._rounds = 0
 
-    def outage(self, failure: RequestFailure, *, gave_up: bool, early: bool) -> Halted | None:
+    def outage(self, failure: RequestFailure, *, gave_up: bool) -> Halted | None:
         """A failure that says the server is not serving. Halt when nothing has been
-        answered yet and FIRST_OUTAGES came in a row (only for an `early` kind: one that
-        cannot be a passing blip, as a gateway's 502 can), or when a row used all its
+        answered yet and FIRST_OUTAGES came in a row (only for a `failure.outage` kind:
+        one that cannot be a passing blip, as a gateway's 502 can), or when a row used all its
         attempts and no request has succeeded since FIRST_OUTAGES outages ago: the server
         has been down for a whole retry cycle, and every other row would wait the same."""
         self._outages += 1
         if self._outages < FIRST_OUTAGES:
             return None
-        if not gave_up and (self._answered or not early):
+        if not gave_up and (self._answered or not failure.outage):
             return None
         since = "since the start" if not self._answered else "since the last answer"
         return Halted(

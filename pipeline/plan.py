@@ -28,7 +28,7 @@ from pipeline.errors import (
     TemplateError,
 )
 from pipeline.json_schemas import answer_fields, check_field_names, check_schemas
-from pipeline.output import check_writable, output_format, result_columns
+from pipeline.output import check_writable, result_columns
 from pipeline.parse import AnswerCheck, OutputShape
 from pipeline.records import ROW_INDEX, Usage
 from pipeline.render import Renderer
@@ -175,7 +175,6 @@ def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -
     )
     check_field_names(shape)
     _check_collisions(source.columns, result_columns(shape, job.output.prefix))
-    output_format(job.output_path)
     check_writable(
         job.output_path, source.head(DRY_WRITE_ROWS), shape=shape, prefix=job.output.prefix
     )

@@ -97,6 +97,9 @@ def draining(
 
     def on_drain_timeout(sig: signal.Signals) -> None:
         abandoned = abandon()
+        if stop.reason is not None and not isinstance(stop.reason, Interrupted):
+            return  # a halt or the budget came first: its reason is the one to act on
+        # The signal's own reason, told now what the drain left behind.
         stop.reason = stopped(
             sig,
             f"interrupted: {plural(abandoned, 'request')} still in flight after "
