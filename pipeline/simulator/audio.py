@@ -44,15 +44,9 @@ def add_routes(exchange: Exchange, router: web.UrlDispatcher) -> None:
     """Serve `POST /v1/audio/transcriptions` through `exchange`."""
     answer = functools.partial(_transcript, exchange.config.seed)
 
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await exchange.guarded(
-            request,
-            lambda started: exchange.post(
-                request, started, _parse_transcription, answer, load=read_form
-            ),
-        )
-
-    router.add_post("/v1/audio/transcriptions", handle)
+    router.add_post(
+        "/v1/audio/transcriptions", exchange.route(_parse_transcription, answer, load=read_form)
+    )
 
 
 @dataclass(frozen=True, slots=True)

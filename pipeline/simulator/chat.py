@@ -47,12 +47,7 @@ def add_routes(exchange: Exchange, router: web.UrlDispatcher) -> None:
     """Serve `POST /v1/chat/completions` through `exchange`."""
     answer = functools.partial(chat_answer, exchange)
 
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await exchange.guarded(
-            request, lambda started: exchange.post(request, started, parse_chat, answer)
-        )
-
-    router.add_post("/v1/chat/completions", handle)
+    router.add_post("/v1/chat/completions", exchange.route(parse_chat, answer))
 
 
 @dataclass(frozen=True, slots=True)

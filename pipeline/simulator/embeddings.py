@@ -34,12 +34,7 @@ def add_routes(exchange: Exchange, router: web.UrlDispatcher) -> None:
     """Serve `POST /v1/embeddings` through `exchange`."""
     answer = functools.partial(embedding_answer, exchange)
 
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await exchange.guarded(
-            request, lambda started: exchange.post(request, started, parse_embeddings, answer)
-        )
-
-    router.add_post("/v1/embeddings", handle)
+    router.add_post("/v1/embeddings", exchange.route(parse_embeddings, answer))
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ from pipeline.simulator.fault_injection import (
     misbehave,
 )
 from pipeline.simulator.rate_limits import Limits
-from pipeline.simulator.request_fields import load_json
+from pipeline.simulator.request_fields import given_key, load_json
 
 # Prompt caching starts at 1024 tokens and is reported in steps of 128, as OpenAI does.
 _CACHE_MIN_PROMPT: Final = 1024
@@ -141,6 +141,22 @@ class Exchange:
         if dialect is not None:
             dialect.finish(response, self.limits)
         return response
+
+    def route(
+        self,
+        parse: Callable[[dict[str, Any]], J],
+        answer: Callable[[J, bytes], dict[str, Any]],
+        *,
+        load: FormLoader | None = None,
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """The handler of an API route: every step `post` takes, under `guarded`."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.guarded(
+                request, lambda started: self.post(request, started, parse, answer, load=load)
+            )
+
+        return handle
 
     async def post(
         self,
@@ -244,9 +260,7 @@ class Exchange:
         key = self.config.api_key
         if key is None:
             return
-        headers = request.headers
-        given = headers.get("api-key") or headers.get("Authorization", "").removeprefix("Bearer ")
-        given = given.strip()
+        given = given_key(request.headers)
         if given == key:
             return
         if not given:

@@ -29,6 +29,7 @@ import orjson
 from aiohttp import web
 
 from pipeline.simulator.api_errors import CANNED, error_body, invalid
+from pipeline.simulator.request_fields import given_key
 
 # "slow" holds the answer this long: longer than the read timeouts tests configure.
 SLOW_DELAY_S: Final = 2.0
@@ -154,8 +155,7 @@ async def _echo_key(
     replies: Replier, request: web.Request, started: float, answer: Answer
 ) -> web.StreamResponse:
     """A careless proxy's 401 that repeats the key it was given, whole."""
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    message = f"Incorrect API key provided: {given or request.headers.get('api-key', '')}."
+    message = f"Incorrect API key provided: {given_key(request.headers)}."
     body = error_body(message, "invalid_request_error", "invalid_api_key")
     return replies.reply(401, orjson.dumps(body), started)
 

@@ -59,12 +59,7 @@ def add_routes(exchange: Exchange, router: web.UrlDispatcher) -> None:
     """Serve `POST /v1/images/generations` through `exchange`."""
     answer = functools.partial(_image_answer, exchange.config.seed)
 
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await exchange.guarded(
-            request, lambda started: exchange.post(request, started, _parse_image, answer)
-        )
-
-    router.add_post("/v1/images/generations", handle)
+    router.add_post("/v1/images/generations", exchange.route(_parse_image, answer))
 
 
 @dataclass(frozen=True, slots=True)

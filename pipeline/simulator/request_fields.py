@@ -3,6 +3,7 @@
 payload = load_json(body)                        # a dict, or the 400 for bad JSON
 model = model_field(payload)                     # required, a string
 n = positive_int(payload, "n", most=128) or 1    # None when left out
+key = given_key(request.headers)                 # Azure's api-key, else the bearer token
 """
 
 from __future__ import annotations
@@ -61,3 +62,10 @@ def positive_int(payload: Mapping[str, Any], name: str, *, most: int | None = No
             "integer_above_max_value",
         )
     return value
+
+
+def given_key(headers: Mapping[str, str]) -> str:
+    """The key a request carries: Azure's `api-key`, else `Authorization: Bearer`."""
+    return (
+        headers.get("api-key") or headers.get("Authorization", "").removeprefix("Bearer ")
+    ).strip()

@@ -64,12 +64,7 @@ def add_routes(exchange: Exchange, router: web.UrlDispatcher) -> None:
     """Serve `POST /v1/responses` through `exchange`."""
     answer = functools.partial(answer_responses, exchange)
 
-    async def handle(request: web.Request) -> web.StreamResponse:
-        return await exchange.guarded(
-            request, lambda started: exchange.post(request, started, parse_responses, answer)
-        )
-
-    router.add_post("/v1/responses", handle)
+    router.add_post("/v1/responses", exchange.route(parse_responses, answer))
 
 
 # ---------------------------------------------------------------------------------------
