@@ -256,7 +256,16 @@ def _target(job: Job, opts: RunOptions, env: Mapping[str, str]) -> tuple[str | N
         return None, None
     req = job.request
     default = {"openai": OPENAI_BASE_URL, "anthropic": ANTHROPIC_BASE_URL}.get(req.provider)
-    base_url = opts.base_url or env.get(BASE_URL_ENV[req.provider]) or req.base_url or default
+    choices: tuple[tuple[Origin, str | None], ...] = (
+        ("flag", opts.base_url),
+        ("env", env.get(BASE_URL_ENV[req.provider])),
+        ("job", req.base_url),
+        ("default", default),
+    )
+    found: tuple[Origin, str | None] = next(
+        ((o, url) for o, url in choices if url), ("default", None)
+    )
+    origin, base_url = found
     if base_url is None:
         raise SpecError(
             "Azure OpenAI needs its endpoint: set base_url in [request] (or "
@@ -266,15 +275,6 @@ def _target(job: Job, opts: RunOptions, env: Mapping[str, str]) -> tuple[str | N
     if urlsplit(base_url).scheme not in ("http", "https"):
         raise SpecError(f"base URL {base_url!r} must start with http:// or https://")
     api_key = env.get(req.key_env) or None
-    origin: Origin = (
-        "flag"
-        if opts.base_url
-        else "env"
-        if env.get(BASE_URL_ENV[req.provider])
-        else "job"
-        if req.base_url
-        else "default"
-    )
     check_base_url(
         Destination(
             base_url,

@@ -207,7 +207,7 @@ def _format_of(path: Path, format: str | None) -> Format:
 # --- CSV ---------------------------------------------------------------------------------
 
 
-def _scan_csv_text(path: Path, separator: str = CSV_SEPARATOR) -> pl.LazyFrame:
+def _scan_csv_text(path: Path, separator: str) -> pl.LazyFrame:
     # Every column is read as text, exactly as written. CSV carries no types: a guess
     # turns a zip code `01234` into 1234, an id `007` into 7, a 20-digit id into an
     # integer Parquet cannot store, and a value that breaks the guess at row 5,000,000
@@ -215,7 +215,7 @@ def _scan_csv_text(path: Path, separator: str = CSV_SEPARATOR) -> pl.LazyFrame:
     return pl.scan_csv(path, infer_schema=False, glob=False, separator=separator)
 
 
-def _read_csv(path: Path, separator: str = CSV_SEPARATOR) -> _Checked:
+def _read_csv(path: Path, separator: str) -> _Checked:
     header = csv_header(path, separator)
     check_names(path, header)
 
@@ -237,9 +237,7 @@ def _read_csv(path: Path, separator: str = CSV_SEPARATOR) -> _Checked:
     return _Checked(guess, stats[ROW_INDEX])
 
 
-def _csv_stats(
-    path: Path, schema: dict[str, pl.DataType], separator: str = CSV_SEPARATOR
-) -> dict[str, int]:
+def _csv_stats(path: Path, schema: dict[str, pl.DataType], separator: str) -> dict[str, int]:
     """One streaming pass: the row count, and the rows that may be short."""
     last = next(reversed(schema))
     checks = [
@@ -297,13 +295,12 @@ def _read_parquet(path: Path) -> _Checked:
 
 # --- shared ------------------------------------------------------------------------------
 
+#: CSV is read with its separator (`_read_csv`), and diagnosed with it, not here.
 _READERS: dict[Format, Callable[[Path], _Checked]] = {
-    "csv": _read_csv,
     "parquet": _read_parquet,
     "ndjson": _read_ndjson,
 }
 _DIAGNOSES: dict[Format, Callable[[Path], str | None]] = {
-    "csv": lambda path: csv_problem(path, separator=CSV_SEPARATOR),
     "parquet": lambda path: None,  # polars' own message is as precise as it gets
     "ndjson": ndjson_problem,
 }
