@@ -149,6 +149,7 @@ class Dispatcher:
             output = work.tokens - estimated
             charged = await self._limiter.acquire(work.tokens, estimated, output)
             if self.stopped:
+                self._limiter.returned(charged)
                 await self._forget(work, recorded and not billed)
                 return None
             if not recorded and self._recorder is not None:
@@ -157,7 +158,7 @@ class Dispatcher:
                 await self._recorder.sending(work)
                 recorded = True
             sends += 1
-            outcome = await self._attempt(work, sends)
+            outcome = await self._attempt(work, sends, charged)
             failure = outcome.failure
             billed = billed or failure is None or failure.maybe_billed
             if failure is None:
@@ -182,6 +183,7 @@ class Dispatcher:
                 # waits (in acquire), and the wait does not use up the row's attempts;
                 # the wait grows while nothing is answered, and a storm halts the run.
                 self.stats.rate_limited += 1
+                self._limiter.refused()
                 wait, halt = self.faults.rate_limited(
                     failure.retry_after, base_s=self._policy.backoff_s
                 )
@@ -213,20 +215,22 @@ class Dispatcher:
         if unbilled and self._recorder is not None:
             await self._recorder.not_sent(work)
 
-    async def _attempt(self, work: Work, attempt: int) -> Outcome:
+    async def _attempt(self, work: Work, attempt: int, charged: int) -> Outcome:
+        """One send of a request the limiter let go, charged `charged`."""
         started = time.perf_counter()
         self.stats.sent += 1
         response: HttpResponse | None = None
         self.in_flight += 1
         try:
             response = await self._transport.send(work.request)
-            self._limiter.observe(response.headers, work.tokens)
+            self._limiter.observe(response.headers, work.tokens, charged)
             failure = classify(response, self._endpoint, request_tokens=work.tokens)
             answers = self._read(response, work) if failure is None else None
         except RequestFailure as exc:
             failure, answers = exc, None
         finally:
             self.in_flight -= 1
+            self._limiter.returned(charged)
         latency = (time.perf_counter() - started) * 1000.0
         status = response.status if response is not None else None
         return Outcome(work, answers, failure, attempt, status, latency)

@@ -11,6 +11,16 @@ counts against TPM. The pace is a hair under the limit and the buckets are small
 start full, so the pace is smooth from the first request: no burst that a server
 measuring in short windows would reject.
 
+Beyond that pace, the limiter spends what a server that keeps a bucket says it has
+left: its `x-ratelimit-remaining-*` headers, less what is in flight (sent, not yet
+answered) and a margin, are credit that goes at once. A server whose bucket refilled
+while the client started, or that holds a minute's worth, is used from the first
+answer at the rate it allows, not at a hair under its refill. Only where the headers
+describe a bucket holding more than a second's worth (remaining + reset x rate, as
+OpenAI's do): what a server counting over a sliding second has left is room for the
+next second's pace, not credit on top of it, and its headers describe a second's worth.
+A 429 ends the credit for the run: what is left is the smooth pace.
+
 The server has the last word: its `x-ratelimit-limit-*` headers lower limits set too
 high in the job (and set them when the job gives none), and when its
 `x-ratelimit-remaining-*` say a bucket is empty, every worker waits for the refill.
@@ -68,6 +78,15 @@ CALIBRATION_MIN_ANSWERS = 5
 #: first seconds cannot overrun that kind of server; a tokenizer-counting one is
 #: under-used only until the first answers say so.
 WARMUP_RATIO = 1.3
+#: What the server says it has left is spent only beyond this: a share of a second's
+#: worth and a few requests (or twice the largest request's tokens), for the requests
+#: the server counted in another order than they were answered here.
+CREDIT_MARGIN = 0.02
+CREDIT_MARGIN_REQUESTS = 2
+#: A server's remaining is credit only when its bucket holds more than this many
+#: seconds' worth (remaining + reset x limit/60): a sliding second's window reads as
+#: one second's worth, and its room must be left to the pace.
+CREDIT_BUCKET_S = 2.0
 
 
 class Limiter:
@@ -108,6 +127,13 @@ class Limiter:
         self.prompt_ratio = prompt_ratio
         self._estimated = self._counted = 0.0
         self._answers = 0
+        #: Requests let go and not answered yet, and the tokens charged for them: what
+        #: the server may not have counted when it said what it had left.
+        self._outstanding = self._outstanding_tokens = 0
+        #: What the server said it had left beyond those and the margin: spent at once.
+        self._credit = self._credit_tokens = 0.0
+        #: Until a 429 says the server counts differently from what it reports.
+        self.uses_credit = True
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -158,13 +184,15 @@ class Limiter:
         # repeats when another 429 extended the pause meanwhile.
         while (wait := self.paused_for) > 0:  # noqa: ASYNC110
             await asyncio.sleep(wait)
+        if (charged := self._from_credit(tokens, prompt)) is not None:
+            return self._let_go(charged)
         for bucket in list(self._unprimed):
             self._unprimed.discard(bucket)
             await bucket.acquire(bucket.max_rate)
         if self._requests is not None:
             await self._requests.acquire()
         if self._tokens is None and self._output is None:
-            return self.charge(tokens, prompt)
+            return self._let_go(self.charge(tokens, prompt))
         # One request at a time takes its tokens, in arrival order: interleaved, many
         # requests would complete together and reach the server in a burst.
         async with self._token_turn:
@@ -186,7 +214,40 @@ class Limiter:
                 # empty when per-second counting is found let one request too many
                 # through, measured as a 429 against a sliding-second server.
                 self._window.add(tokens)
+        return self._let_go(charged)
+
+    def _from_credit(self, tokens: int, prompt: int) -> int | None:
+        """A request taken from what the server said it has left (its tokens too, where
+        TPM is limited), charged as `acquire` charges; None when that does not cover it.
+        Not where output is limited apart (Anthropic): the credit counts one token
+        bucket, and Anthropic's headers are not read for it."""
+        if self._credit < 1 or self._output is not None:
+            return None
+        charged = self.charge(tokens, prompt)
+        if self._tokens is not None:
+            if self._credit_tokens < charged:
+                return None
+            self._credit_tokens -= charged
+            self._window.add(charged)
+        self._credit -= 1
         return charged
+
+    def _let_go(self, charged: int) -> int:
+        self._outstanding += 1
+        self._outstanding_tokens += charged
+        return charged
+
+    def returned(self, charged: int) -> None:
+        """A request let go by `acquire` (charged `charged`) was answered or failed: the
+        server has counted it, or never will."""
+        self._outstanding -= 1
+        self._outstanding_tokens -= charged
+
+    def refused(self) -> None:
+        """A 429: the server counts otherwise than its headers said (or another client
+        shares the key). No more credit this run: the smooth pace is what is left."""
+        self.uses_credit = False
+        self._credit = self._credit_tokens = 0.0
 
     def has_room(self, tokens: int) -> bool:
         """Whether `tokens` could be spent now without waiting (tests, progress)."""
@@ -199,8 +260,9 @@ class Limiter:
         if extra > 0 and self._tokens is not None:
             await _spend(self._tokens, extra)
 
-    def observe(self, headers: Mapping[str, str], tokens: int) -> None:
-        """Follow the server's x-ratelimit-* headers after a response."""
+    def observe(self, headers: Mapping[str, str], tokens: int, charged: int = 0) -> None:
+        """Follow the server's x-ratelimit-* headers after a response to a request of
+        `tokens` (`charged` as `acquire` returned), before `returned`."""
         limit_requests = _count(headers.get("x-ratelimit-limit-requests"))
         if limit_requests is None:
             if _ANTHROPIC_REQUESTS_LIMIT in headers:
@@ -211,6 +273,29 @@ class Limiter:
         self._wait_if_empty(headers, "requests", 1, limit_requests)
         if limit_tokens:
             self._wait_if_empty(headers, "tokens", tokens, limit_tokens)
+        self._take_credit(
+            _bucket_left(headers, "requests", limit_requests),
+            _bucket_left(headers, "tokens", limit_tokens) if limit_tokens else None,
+            charged,
+        )
+
+    def _take_credit(self, requests: int | None, tokens: int | None, charged: int) -> None:
+        """What the server's buckets have left (counted when it took this request, which
+        is still outstanding here), less what it may not have counted yet and a margin."""
+        if not self.uses_credit or requests is None or self.paused_for > 0:
+            self._credit = self._credit_tokens = 0.0
+            return
+        rpm = (self.rpm or 0) * self.scale
+        margin = CREDIT_MARGIN * rpm / 60.0 + CREDIT_MARGIN_REQUESTS
+        self._credit = max(0.0, requests - (self._outstanding - 1) - margin)
+        if self._tokens is not None:
+            if tokens is None:
+                self._credit = self._credit_tokens = 0.0
+                return
+            tpm = (self.tpm or 0) * self.scale
+            margin = max(CREDIT_MARGIN * tpm / 60.0, 2.0 * self._largest)
+            unseen = self._outstanding_tokens - charged
+            self._credit_tokens = max(0.0, tokens - unseen - margin)
 
     def _lower(self, limit_requests: int | None, limit_tokens: int | None) -> None:
         """Take the server's limits where the job's are higher or unset."""
@@ -353,6 +438,17 @@ async def _spend(bucket: AsyncLimiter, amount: float) -> None:
         part = min(amount, bucket.max_rate)
         await bucket.acquire(part)
         amount -= part
+
+
+def _bucket_left(headers: Mapping[str, str], kind: str, limit: int | None) -> int | None:
+    """What a server's bucket of `kind` has left, where its headers show one holding
+    more than CREDIT_BUCKET_S seconds' worth; else None."""
+    remaining = _count(headers.get(f"x-ratelimit-remaining-{kind}"))
+    reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}") or "")
+    if not limit or remaining is None or reset is None:
+        return None
+    holds = remaining + reset * limit / 60.0
+    return remaining if holds > CREDIT_BUCKET_S * limit / 60.0 else None
 
 
 def _count(value: str | None) -> int | None:

@@ -10,6 +10,8 @@ from multidict import CIMultiDict
 
 from pipeline.limits import (
     CALIBRATION_MIN_ANSWERS,
+    CREDIT_MARGIN,
+    CREDIT_MARGIN_REQUESTS,
     MIN_SCALE,
     WARMUP_RATIO,
     WINDOW_S,
@@ -304,3 +306,118 @@ def test_an_exact_count_is_charged_with_a_margin_until_the_server_has_answered()
     for _ in range(CALIBRATION_MIN_ANSWERS):
         limiter.calibrate(estimated=1000, counted=1000)  # it counts with the tokenizer
     assert limiter.charge(1100, prompt=1000) == 1100
+
+
+def openai_headers(
+    rpm: int,
+    requests_left: int,
+    tpm: int | None = None,
+    tokens_left: int = 0,
+    holds_s: float = 60.0,
+) -> dict[str, str]:
+    """Headers as a server with buckets holding `holds_s` seconds' worth sends them
+    (OpenAI's hold a minute's): the reset is the time until the bucket is full again."""
+    headers = {
+        "x-ratelimit-limit-requests": str(rpm),
+        "x-ratelimit-remaining-requests": str(requests_left),
+        "x-ratelimit-reset-requests": f"{(rpm * holds_s / 60 - requests_left) * 60 / rpm:.3f}s",
+    }
+    if tpm is not None:
+        headers["x-ratelimit-limit-tokens"] = str(tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(tokens_left)
+        reset = (tpm * holds_s / 60 - tokens_left) * 60 / tpm
+        headers["x-ratelimit-reset-tokens"] = f"{reset:.3f}s"
+    return headers
+
+
+async def answered(limiter: Limiter, headers: dict[str, str], tokens: int = 1) -> None:
+    """One request through the limiter, answered with `headers`."""
+    charged = await limiter.acquire(tokens)
+    limiter.observe(headers, tokens, charged)
+    limiter.returned(charged)
+
+
+def test_what_the_server_says_it_has_left_goes_at_once() -> None:
+    async def scenario(limiter: Limiter) -> None:
+        # 600 RPM: 10 a second. The server's bucket refilled to 50 while we started.
+        await answered(limiter, openai_headers(600, 50))
+        assert limiter._credit == pytest.approx(50 - CREDIT_MARGIN * 10 - CREDIT_MARGIN_REQUESTS)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for _ in range(47):
+            await limiter.acquire(1)
+        assert loop.time() - start < 0.01
+        await limiter.acquire(1)  # the 48th waits for the pace
+        assert loop.time() - start >= 0.05
+
+    in_virtual_time(scenario, rpm=600, tpm=None)
+
+
+def test_the_credit_runs_out_then_the_pace_takes_over() -> None:
+    async def scenario(limiter: Limiter) -> None:
+        await answered(limiter, openai_headers(600, 30))
+        for _ in range(37):  # the credit (30 less the margin: 27) and ten paced
+            await limiter.acquire(1)
+
+    # Ten paced at 9.85 a second after the credit, plus the first request's own turn.
+    seconds = in_virtual_time(scenario, rpm=600, tpm=None)
+    assert seconds == pytest.approx(11 / 9.85, rel=0.05)
+
+
+def test_requests_in_flight_are_not_spent_twice() -> None:
+    async def scenario(limiter: Limiter) -> None:
+        charged = [await limiter.acquire(1) for _ in range(6)]  # six in flight
+        limiter.observe(openai_headers(600, 20), 1, charged[0])  # the first answered
+        limiter.returned(charged[0])
+        # The five still out may not have been counted in the 20: 20 - 5 - margin.
+        assert limiter._credit == pytest.approx(20 - 5 - CREDIT_MARGIN * 10 - 2)
+
+    in_virtual_time(scenario, rpm=600, tpm=None)
+
+
+def test_token_credit_keeps_twice_the_largest_request_back() -> None:
+    async def scenario(limiter: Limiter) -> None:
+        headers = openai_headers(100_000, 1_000, tpm=60_000, tokens_left=5_000)
+        await answered(limiter, headers, tokens=300)
+        # 5,000 left less a margin of two 300-token requests: 14 go at once.
+        assert limiter._credit_tokens == pytest.approx(5_000 - 600)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for _ in range(14):
+            await limiter.acquire(300)
+        assert loop.time() - start < 0.01
+        await limiter.acquire(300)  # the fifteenth waits for the pace
+        assert loop.time() - start >= 0.25
+
+    in_virtual_time(scenario, rpm=None, tpm=60_000)
+
+
+def test_a_429_ends_the_credit_for_the_run() -> None:
+    async def scenario(limiter: Limiter) -> None:
+        await answered(limiter, openai_headers(600, 50))
+        limiter.refused()
+        await answered(limiter, openai_headers(600, 50))  # later headers say the same
+        assert limiter._credit == 0
+        for _ in range(10):
+            await limiter.acquire(1)
+
+    # Back to the smooth pace: twelve requests at 9.85 a second.
+    seconds = in_virtual_time(scenario, rpm=600, tpm=None)
+    assert seconds == pytest.approx(12 / 9.85, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # 6,000 RPM counted over a sliding second: 100 a second, 60 left in this one.
+        pytest.param(openai_headers(6_000, 60, holds_s=1.0), id="a-second-window"),
+        pytest.param(
+            {**openai_headers(6_000, 60), "x-ratelimit-reset-requests": ""}, id="no-reset"
+        ),
+    ],
+)
+def test_room_in_a_second_is_left_to_the_pace_not_spent_at_once(headers: dict[str, str]) -> None:
+    limiter = Limiter(rpm=6_000, tpm=None)
+    asyncio.run(answered(limiter, headers))
+    # Spent at once, with the pace's hundred in the same second, it would be 160.
+    assert limiter._credit == 0
