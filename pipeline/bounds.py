@@ -10,6 +10,11 @@ with a 400 after a round trip, or truncated by a local server), and the job's TP
 request estimated above a minute's tokens can never be admitted by the limiter, and
 stalls the run). Context windows come from genai-prices' model data; a model it does
 not know (a local one) is not checked.
+
+A run may estimate its rows' tokens (bytes/4, `Endpoint.estimating`) rather than count
+them with the model's encoding. A row's exact count is then at most ESTIMATE_BOUND
+times its estimate, and only a row whose estimate times that comes near a bound is
+counted exactly: the answer is the same as counting every row, for a fraction of it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from pipeline.spec import Job
 #: row stops: the template loops whatever the row, and each such row takes the render
 #: time limit to find out.
 LIMIT_ROWS = 3
+#: An exact count is at most this many times the bytes/4 estimate: the estimate counts
+#: a quarter of a text's UTF-8 bytes (rounded up), OpenAI's encodings give every token
+#: at least one byte, and the rest (message framing, images) is counted alike.
+ESTIMATE_BOUND = 4
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,8 @@ class RowSizer:
 
     def size(self, row: dict[str, Any]) -> Item | RowRejected | PromptTooLarge:
         try:
-            item = self._endpoint.item(self._renderer.render(row))
+            prompt = self._renderer.render(row)
+            item = self._endpoint.item(prompt)
         except RowProblem as exc:
             limit = isinstance(exc, RenderLimit)
             self.runaway = self.runaway + 1 if limit else 0
@@ -84,10 +94,16 @@ class RowSizer:
             return RowRejected(str(exc))
         self.runaway = 0
         tokens = item.tokens
-        problem = self._bounds.problem(
-            prompt_tokens=tokens, request_tokens=tokens + self.output_tokens
-        )
+        exact = self._endpoint.exact
+        if exact is not None and self._problem(tokens * ESTIMATE_BOUND) is not None:
+            tokens = exact.item(prompt).tokens  # near a bound: counted, not estimated
+        problem = self._problem(tokens)
         return item if problem is None else PromptTooLarge(problem)
+
+    def _problem(self, prompt_tokens: int) -> str | None:
+        return self._bounds.problem(
+            prompt_tokens=prompt_tokens, request_tokens=prompt_tokens + self.output_tokens
+        )
 
     @property
     def runaway_reached(self) -> bool:

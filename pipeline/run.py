@@ -57,7 +57,7 @@ from pipeline.output import (
     write_output,
 )
 from pipeline.parse import to_results
-from pipeline.plan import BATCH_ROWS, Plan, fingerprint, limited
+from pipeline.plan import BATCH_ROWS, Plan, fingerprint, for_sending, limited
 from pipeline.preflight import check_server
 from pipeline.prepare import RequestBuilder, Requests
 from pipeline.progress import Counters, Display, plural
@@ -160,6 +160,7 @@ async def send_all(
     notify: Callable[[str], None] = lambda _: None,
 ) -> Sent:
     """The stages that send, wired: requests -> engine -> writer, in one TaskGroup."""
+    plan = for_sending(plan)
     stop = Stop()
     resumed = earlier.ok if plan.options.retry_failed else earlier.ok + earlier.failed
     counters = Counters(total=plan.rows, resumed=resumed)

@@ -9,7 +9,9 @@ OpenAI's models tokenise with `o200k_base` (GPT-4o, GPT-4.1, GPT-5, the o-series
 `cl100k_base` (GPT-4, GPT-3.5, the text-embedding models). `bpe-openai` bundles both
 encodings inside its wheel, so counting needs no download (tiktoken fetches its files
 from the network on first use), loads in tens of milliseconds and counts a short text
-in a few microseconds.
+in a few microseconds. An encoding is loaded the first time a text is counted, not when
+its counter is made: it holds 66 MB (o200k_base), which a run that never counts exactly
+(`plan.for_sending`) does not pay.
 
 Other models (Claude, Llama, Gemma behind vLLM or llama.cpp) have tokenizers of their
 own that we do not ship: their texts count about four bytes of UTF-8 a token, rounded
@@ -89,39 +91,51 @@ def encoding_for(model: str) -> str | None:
 
 @functools.cache
 def text_counter(model: str) -> TextCounter:
-    """The best offline count for `model`'s texts."""
+    """The best offline count for `model`'s texts; its encoding loads on first use."""
     encoding = encoding_for(model)
-    bindings = _bindings() if encoding is not None else None
-    if encoding is None or bindings is None:
+    if encoding is None or _bindings_path() is None:
         return HEURISTIC_COUNTER
-    count: Callable[[str], int] = bindings.tokenizer_for_encoding(encoding).count
+    tokenizers: list[Any] = []
+
+    def count(text: str) -> int:
+        if not tokenizers:  # the first text counted loads the encoding (~40 ms, 66 MB)
+            tokenizers.append(_bindings().tokenizer_for_encoding(encoding))
+        n: int = tokenizers[0].count(text)
+        return n
+
     return TextCounter(encoding, count)
 
 
 @functools.cache
+def _bindings_path() -> Path | None:
+    """Where bpe-openai's compiled tokenizer module is; None if it is not installed."""
+    spec = importlib.util.find_spec("bpe_openai")
+    folders = spec.submodule_search_locations if spec is not None else None
+    for folder in folders or ():
+        for path in sorted(Path(folder).glob("_bindings.*")):
+            if path.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+                return path
+    return None
+
+
+@functools.cache
 def _bindings() -> Any:
-    """bpe-openai's compiled tokenizer module, loaded on its own; None if missing.
+    """bpe-openai's compiled tokenizer module, loaded on its own.
 
     Not through `import bpe_openai`: the package's __init__ parses both encodings'
     files in Python (0.4 s of start-up, with a DeprecationWarning) for a tiktoken-like
     API we do not use. The compiled module carries its own copy of the encodings and
     loads one in ~40 ms.
     """
-    spec = importlib.util.find_spec("bpe_openai")
-    folders = spec.submodule_search_locations if spec is not None else None
-    for folder in folders or ():
-        for path in sorted(Path(folder).glob("_bindings.*")):
-            if not path.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
-                continue
-            name = "bpe_openai._bindings"
-            loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-            module_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-            if module_spec is None:
-                continue
-            module = importlib.util.module_from_spec(module_spec)
-            loader.exec_module(module)
-            return module
-    return None
+    path = _bindings_path()
+    assert path is not None, "text_counter hands out an exact counter only when it is found"
+    name = "bpe_openai._bindings"
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    module_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    assert module_spec is not None
+    module = importlib.util.module_from_spec(module_spec)
+    loader.exec_module(module)
+    return module
 
 
 def estimate_tokens(messages: Sequence[Mapping[str, Any]], count: Callable[[str], int]) -> int:

@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 from conftest import Server, invoke, read_output, run_job, serving, write_job
 
-from pipeline.bounds import context_window
-from pipeline.errors import SpecError
+from pipeline.bounds import RowSizer, context_window
+from pipeline.endpoints import Item
+from pipeline.errors import PromptTooLarge, SpecError
 from pipeline.limits import retry_after
-from pipeline.plan import RunOptions, make_plan
+from pipeline.plan import Plan, RunOptions, for_sending, make_plan
+from pipeline.records import ROW_INDEX
 from pipeline.spec import MAX_CONCURRENCY, load_job
 from pipeline.transport import MAX_BODY_BYTES
 
@@ -205,3 +207,96 @@ def test_estimate_counts_rows_too_big_to_send(tmp_path: Path) -> None:
 
     assert result.exit_code == 0, result.output
     assert "1 rows would fail before sending" in result.output
+
+
+# --- a run that estimates its rows' tokens (plan.for_sending) ------------------------
+
+#: A text the estimate (bytes/4) counts at a quarter of its exact count: "x1" is two
+#: tokens in o200k_base, one a byte, the most any text can have.
+DENSE = "x1"
+
+
+def plan_for(job: Path) -> Plan:
+    return make_plan(load_job(job), RunOptions(base_url="http://127.0.0.1:9/v1"))
+
+
+def test_a_run_estimates_only_where_the_tpm_cannot_bind(tmp_path: Path) -> None:
+    def counts_exactly(limits: dict[str, int], request: dict[str, str] | None = None) -> bool:
+        job = write_job(tmp_path, rows(20), limits=limits, request=request)
+        return for_sending(plan_for(job)).endpoint.count.exact
+
+    assert not counts_exactly({}), "no TPM limit: nothing to charge exactly"
+    assert not counts_exactly({"rpm": 1_000_000, "tpm": 1_000_000_000}), "lifted far above need"
+    assert counts_exactly({"tpm": 200_000}), "no RPM limit: the TPM one paces the run"
+    assert counts_exactly({"rpm": 10_000, "tpm": 200_000}), "the TPM binds before the RPM"
+    embeddings = {"endpoint": "embeddings", "model": "text-embedding-3-small"}
+    assert counts_exactly({}, embeddings), "embeddings pack rows by their exact count"
+
+
+def test_validate_and_estimate_still_count_exactly(tmp_path: Path) -> None:
+    job = write_job(tmp_path, rows(3))
+    assert plan_for(job).endpoint.count.exact
+
+
+def test_an_estimating_run_refuses_a_row_that_only_its_exact_count_puts_over_the_window(
+    tmp_path: Path, sim: Server
+) -> None:
+    window = context_window("gpt-4o-mini")
+    assert window is not None
+    dense = DENSE * (window * 3 // 4)  # estimated at 3/8 of the window, exactly 1.5x it
+    job = write_job(tmp_path, rows(3, dense))
+    assert not for_sending(plan_for(job)).endpoint.count.exact
+
+    result = run_job(job, sim)
+
+    assert result.exit_code == 1, result.output
+    out = read_output(tmp_path / "out.parquet")
+    assert out["status"].to_list() == ["ok", "failed", "ok"]
+    assert f"more than the model's context window of {window:,}" in out["error"][1]
+    assert f"about {len(dense) + 4 + 3:,} tokens" in out["error"][1], "the exact count"
+    assert sim.sim.stats.requests == 2, "the big row was never sent"
+
+
+def test_an_estimating_run_refuses_a_request_that_only_its_exact_count_puts_over_the_tpm(
+    tmp_path: Path,
+) -> None:
+    # 100 requests a minute of the first rows' size cannot spend 100,000 tokens: the run
+    # estimates, and row 20 (past the rows sampled) is 120,000 tokens exactly.
+    table = rows(21, DENSE * 60_000, at=20)
+    plan = for_sending(plan_for(write_job(tmp_path, table, limits={"rpm": 100, "tpm": 100_000})))
+    assert not plan.endpoint.count.exact
+    sizer = RowSizer(plan.job, plan.endpoint, plan.renderer)
+
+    sized = [sizer.size({ROW_INDEX: i, **row}) for i, row in enumerate(table)]
+
+    assert all(isinstance(s, Item) for s in sized[:20])
+    assert isinstance(sized[20], PromptTooLarge)
+    assert "more than the job's tpm of 100,000" in str(sized[20])
+
+
+def test_a_run_with_its_limits_far_above_need_never_loads_the_encoding(
+    tmp_path: Path, sim: Server
+) -> None:
+    # The encoding holds 66 MB: a run whose counts decide nothing does not load it.
+    def loaded(limits: str) -> str:
+        code = (
+            "import asyncio, sys\nfrom pathlib import Path\n"
+            "from pipeline import tokens\nfrom pipeline.plan import RunOptions, make_plan\n"
+            "from pipeline.run import execute\nfrom pipeline.spec import load_job\n"
+            f"options = RunOptions(base_url={sim.url!r}, fresh=True, {limits})\n"
+            "plan = make_plan(load_job(Path(sys.argv[1])), options)\n"
+            "assert asyncio.run(execute(plan)).exit_code == 0\n"
+            "print(tokens._bindings.cache_info().currsize)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(job)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=WAIT_S,
+        )
+        return done.stdout.strip()
+
+    job = write_job(tmp_path, rows(5))
+    assert loaded("rpm=1_000_000, tpm=1_000_000_000") == "0"
+    assert loaded("tpm=100_000") == "1", "a TPM limit that binds: counted exactly"

@@ -403,3 +403,26 @@ def test_a_name_with_glob_characters_matches_only_its_own_leftovers(tmp_path: Pa
 
 def test_a_folder_that_is_not_there_has_no_leftovers(tmp_path: Path) -> None:
     assert remove_leftovers(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize(
+    ("environment", "pool"),
+    [
+        pytest.param({}, "system", id="the-system-allocator-by-default"),
+        pytest.param({"ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}, "mimalloc", id="the-users-choice"),
+    ],
+)
+def test_arrow_allocates_with_the_pool_the_package_sets_unless_the_user_chose(
+    environment: dict[str, str], pool: str
+) -> None:
+    code = "import pipeline.source, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, **environment},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert done.stdout.strip() == pool

@@ -12,8 +12,8 @@ about sockets, retries or rate limits.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import functools
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -26,7 +26,7 @@ import orjson
 from pipeline.records import Answer, Usage
 from pipeline.records import Prompt as Prompt
 from pipeline.spec import RequestSpec
-from pipeline.tokens import TextCounter, text_counter
+from pipeline.tokens import HEURISTIC_COUNTER, TextCounter, text_counter
 
 JSON = "application/json"
 
@@ -75,11 +75,23 @@ class Endpoint(ABC):
     base_dir: Path = Path(".")
     #: The job's request settings.
     _spec: RequestSpec
+    #: How texts are counted when not the model's encoding (see `estimating`).
+    _counter: TextCounter | None = None
+    #: When this endpoint estimates (`estimating`): the same one counting with the
+    #: model's encoding, for the rows whose estimate comes near a bound (bounds.py).
+    exact: Endpoint | None = None
 
-    @functools.cached_property
+    @property
     def count(self) -> TextCounter:
         """Counts a text's tokens for the job's model (`tokens.text_counter`)."""
-        return text_counter(self._spec.model)
+        return self._counter if self._counter is not None else text_counter(self._spec.model)
+
+    def estimating(self) -> Endpoint:
+        """This endpoint counting bytes/4 instead of the model's encoding, for a run
+        where an exact count decides nothing (`plan.for_sending`); `exact` is this one."""
+        clone = copy.copy(self)
+        clone._counter, clone.exact = HEURISTIC_COUNTER, self
+        return clone
 
     @abstractmethod
     def item(self, prompt: Prompt) -> Item:
