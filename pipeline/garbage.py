@@ -30,19 +30,35 @@ from collections.abc import Iterator
 YOUNG_THRESHOLD = 10_000
 
 
+class _Tuned:
+    """The process's own settings while runs send; runs may overlap (two `arun_frame`
+    in one program): the first to start tunes, the last to finish restores."""
+
+    runs = 0
+    threshold: tuple[int, ...] = ()
+    froze = False
+
+
+_tuned = _Tuned()
+
+
 @contextlib.contextmanager
 def fewer_collections() -> Iterator[None]:
     """Freeze what is alive now (imports, the plan: never garbage while sending) and
     collect the young generation less often; restore both on the way out."""
-    before = gc.get_threshold()
-    # A caller that froze objects of its own keeps them frozen: only ours are thawed.
-    freezing = gc.get_freeze_count() == 0
-    if freezing:
-        gc.freeze()
-    gc.set_threshold(YOUNG_THRESHOLD, *before[1:])
+    if _tuned.runs == 0:
+        _tuned.threshold = gc.get_threshold()
+        # A caller that froze objects of its own keeps them frozen: only ours are thawed.
+        _tuned.froze = gc.get_freeze_count() == 0
+        if _tuned.froze:
+            gc.freeze()
+        gc.set_threshold(YOUNG_THRESHOLD, *_tuned.threshold[1:])
+    _tuned.runs += 1
     try:
         yield
     finally:
-        gc.set_threshold(*before)
-        if freezing:
-            gc.unfreeze()
+        _tuned.runs -= 1
+        if _tuned.runs == 0:
+            gc.set_threshold(*_tuned.threshold)
+            if _tuned.froze:
+                gc.unfreeze()
