@@ -224,8 +224,9 @@ class Renderer:
             ast = _parse(env, text, name)
             try:
                 _check_tests(env, ast)
-                used.update(meta.find_undeclared_variables(ast) - _locals(ast))
-                plain = _plain(ast)
+                names = meta.find_undeclared_variables(ast) - _locals(ast)
+                used.update(names)
+                plain = _plain(ast, names)
                 return plain if plain is not None else env.from_string(_guard_loops(ast))
             except TemplateAssertionError as exc:  # an unknown filter or test
                 raise _unknown_name(env, exc, name) from None
@@ -320,8 +321,9 @@ class _Plain:
 _Compiled = Template | _Plain
 
 
-def _plain(ast: nodes.Template) -> _Plain | None:
-    """The template as plain pieces if it is only text and `{{ column }}`s, else None."""
+def _plain(ast: nodes.Template, columns: set[str]) -> _Plain | None:
+    """The template as plain pieces if it is only text and `{{ column }}`s, else None.
+    `columns`: the names it reads from the row (not `self`, which Jinja provides)."""
     pieces: list[str | _Column] = []
     for node in ast.body:
         if not isinstance(node, nodes.Output):
@@ -329,7 +331,7 @@ def _plain(ast: nodes.Template) -> _Plain | None:
         for child in node.nodes:
             if isinstance(child, nodes.TemplateData):
                 pieces.append(child.data)
-            elif isinstance(child, nodes.Name) and child.ctx == "load":
+            elif isinstance(child, nodes.Name) and child.name in columns:
                 pieces.append(_Column(child.name))
             else:
                 return None

@@ -97,6 +97,8 @@ PLAIN_TEMPLATES = [
     pytest.param("{% raw %}{{ id }}{% endraw %} {{ text }}", id="raw-block"),
     pytest.param("{{ text }} {# a comment #} end", id="comment"),
     pytest.param("  {{- text -}}  \n{{ id }}", id="whitespace-control"),
+    # Not plain: a name Jinja provides itself, not a column; Jinja renders it.
+    pytest.param("{{ self }} {{ text }}", id="jinja-own-name"),
 ]
 #: Values of every kind a polars row can hold, and a few more.
 VALUES = [
