@@ -41,6 +41,7 @@ from pipeline.budget import Spent, check_budget, resume_note
 from pipeline.dedupe import Dedupe
 from pipeline.dispatch import DispatchStats
 from pipeline.errors import JobError, OutputError, PipelineError
+from pipeline.garbage import fewer_collections
 from pipeline.journal import Journal, Totals
 from pipeline.journal.writer import Writer
 from pipeline.online import Online
@@ -132,7 +133,8 @@ async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) ->
             if note:
                 notify(note)
         async with _server(plan) as base_url:
-            sent = await send_all(plan, journal, base_url, earlier, notify)
+            with fewer_collections():
+                sent = await send_all(plan, journal, base_url, earlier, notify)
         journal.set_meta(**{OUTPUT_META: pending_record(plan.output)})
         try:
             summary = await asyncio.to_thread(_finish, plan, journal, sent, started)
