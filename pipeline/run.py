@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import orjson
 
 from pipeline import __version__
+from pipeline.bounds import ESTIMATE_BOUND
 from pipeline.budget import Spent, check_budget, resume_note
 from pipeline.dedupe import Dedupe
 from pipeline.dispatch import DispatchStats
@@ -173,7 +174,12 @@ async def send_all(
         spent(counters)
 
     dedupe = Dedupe(journal.answered) if plan.job.request.dedupe else None
-    writer = Writer(journal, collect=_collector(plan, dedupe), committed=committed)
+    # An estimating run's "sending" records take the bound, not the estimate: the
+    # resume note's "at most" must hold for text the estimate undercounts (CJK, code).
+    bound = ESTIMATE_BOUND if plan.endpoint.exact is not None else 1
+    writer = Writer(
+        journal, collect=_collector(plan, dedupe), committed=committed, prompt_bound=bound
+    )
     build = RequestBuilder(plan.provider, base_url, plan.api_key, plan.endpoint)
     requests = Requests(plan, journal, build, dedupe=dedupe, sink=writer, stop=stop)
     transport = AiohttpTransport(

@@ -8,6 +8,7 @@ not a zero one; a model without a price names --price.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -27,6 +28,7 @@ from conftest import read_output, run_job, serving, serving_app, spawn_run, writ
 import pipeline.signals
 from pipeline.plan import RunOptions, estimate, make_plan
 from pipeline.spec import load_job
+from pipeline.tokens import bytes_over_four, estimate_tokens, text_counter
 
 #: Bound on every wait for a child process or a server to reach a state.
 WAIT_S = 60.0
@@ -232,3 +234,37 @@ def test_a_model_without_a_price_names_the_price_flag(tmp_path: Path) -> None:
     assert "my-local-llama" in lines[0]
     assert refused_sent == 0
     assert priced_code == 0, priced
+
+
+def test_an_estimating_runs_in_flight_tokens_bound_the_exact_count(tmp_path: Path) -> None:
+    # No TPM limit: the run counts bytes/4, which undercounts rare CJK characters (three
+    # bytes each, two or three tokens). What a crash leaves in flight must stay "at most".
+    text = "鱻龘靐齉麤" * 10
+    rows = [{"text": f"{i}{text}"} for i in range(3)]  # not identical: each is sent
+    job = write_job(tmp_path, rows, limits={"concurrency": 3})
+    journal = tmp_path / "out.journal.sqlite"
+    arrived, released = threading.Event(), threading.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        arrived.set()
+        await asyncio.to_thread(released.wait, WAIT_S)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", hang)
+    with serving_app(app) as url:
+        child = spawn_run(job, url)
+        try:
+            wait_for("a request at the server", arrived.is_set)
+            wait_for("the rows recorded as sending", lambda: sending(journal) == 3)
+        finally:
+            child.kill()
+            child.communicate(timeout=WAIT_S)
+            released.set()
+
+    exact = estimate_tokens([{"role": "user", "content": text}], text_counter("gpt-4o-mini"))
+    assert exact > bytes_over_four(text) + 3 + 4  # the case this is about
+    with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+        recorded = [t for (t,) in db.execute("SELECT tokens FROM results")]
+    assert len(recorded) == 3
+    assert all(tokens >= exact + 32 for tokens in recorded)  # + max_tokens

@@ -227,3 +227,10 @@ def test_a_batched_requests_tokens_are_shared_by_its_rows() -> None:
     work = Work((1, 2, 3), UNSENT, 90, (11, 12, 13), (10, 20, 30))
     assert sending_records(work) == [(1, 11, 20), (2, 12, 30), (3, 13, 40)]
     assert sending_records(Work((9,), UNSENT, 77, (5,), (50,))) == [(9, 5, 77)]
+
+
+def test_an_estimated_prompt_is_recorded_at_its_bound() -> None:
+    # 50 prompt tokens estimated (bytes/4) and 27 of output: at most 4 x 50 + 27.
+    assert sending_records(Work((9,), UNSENT, 77, (5,), (50,)), prompt_bound=4) == [(9, 5, 227)]
+    work = Work((1, 2), UNSENT, 100, (11, 12), (20, 30))
+    assert sending_records(work, prompt_bound=4) == [(1, 11, 105), (2, 12, 145)]

@@ -69,8 +69,11 @@ class Writer:
         committed: Callable[[list[RowResult]], None] = lambda _: None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        prompt_bound: int = 1,
     ) -> None:
         self._journal = journal
+        #: How far over its estimate a prompt may count (`sending_records`).
+        self._prompt_bound = prompt_bound
         self._collect = collect
         self._committed = committed
         self._clock = clock
@@ -130,7 +133,7 @@ class Writer:
         unsent: list[int] = []
         for entry in entries:
             if isinstance(entry, Sending):
-                sending.extend(sending_records(entry.work))
+                sending.extend(sending_records(entry.work, self._prompt_bound))
                 waiting.append(entry.recorded)
             elif isinstance(entry, NotSent):
                 unsent.extend(entry.work.rows)
@@ -147,12 +150,15 @@ class Writer:
         return waiting, results
 
 
-def sending_records(work: Work) -> list[tuple[int, int, int]]:
-    """The journal's `sending` records of a request: (row, hash, tokens it may cost)."""
+def sending_records(work: Work, prompt_bound: int = 1) -> list[tuple[int, int, int]]:
+    """The journal's `sending` records of a request: (row, hash, tokens it may cost),
+    its prompt's estimate taken `prompt_bound` times (an estimate, not a count, is at
+    most that far under: bounds.ESTIMATE_BOUND), so that "at most" stays true."""
     if len(work.rows) == 1:
-        return [(work.rows[0], work.digests[0], work.tokens)]
+        extra = (prompt_bound - 1) * sum(work.weights)
+        return [(work.rows[0], work.digests[0], work.tokens + extra)]
     out = (work.tokens - sum(work.weights)) // len(work.rows)
     return [
-        (row, digest, weight + out)
+        (row, digest, weight * prompt_bound + out)
         for row, digest, weight in zip(work.rows, work.digests, work.weights, strict=True)
     ]
