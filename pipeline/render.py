@@ -4,7 +4,9 @@
     renderer.messages({"id": 1, "title": "Hi", "body": None})
     # [{"role": "system", ...}, {"role": "user", "content": "Title: Hi\\n\\n"}]
 
-Templates are compiled once. Row values are data: they are passed to the template as
+Templates are compiled once; one that only puts columns into text (`Title: {{ title }}`)
+is rendered by joining its pieces, the same text Jinja would give, at a twelfth of the
+cost. Row values are data: they are passed to the template as
 variables and never parsed as template code, and the sandbox keeps templates from
 reaching Python internals. A column the template uses that the input lacks is an error
 before any request is sent.
@@ -24,6 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import StrictUndefined, Template, TemplateSyntaxError, meta, nodes
@@ -217,12 +220,14 @@ class Renderer:
         self._fail_on_null = spec.nulls == "fail"
         used: set[str] = set()
 
-        def compile(text: str, name: str) -> Template:
+        def compile(text: str, name: str) -> _Compiled:
             ast = _parse(env, text, name)
             try:
                 _check_tests(env, ast)
-                used.update(meta.find_undeclared_variables(ast) - _locals(ast))
-                return env.from_string(_guard_loops(ast))
+                names = meta.find_undeclared_variables(ast) - _locals(ast)
+                used.update(names)
+                plain = _plain(ast, names)
+                return plain if plain is not None else env.from_string(_guard_loops(ast))
             except TemplateAssertionError as exc:  # an unknown filter or test
                 raise _unknown_name(env, exc, name) from None
 
@@ -269,9 +274,16 @@ class Renderer:
             )
         return Prompt(messages, images, file)
 
-    def _run(self, template: Template, values: Mapping[str, Any]) -> str:
+    def _run(self, template: _Compiled, values: Mapping[str, Any]) -> str:
         """Render chunk by chunk, counting: a huge output is stopped as it grows."""
         chunks = []
+        if isinstance(template, _Plain):
+            for piece in template.pieces:
+                # As Jinja writes `{{ column }}` without autoescape: str() of the value.
+                chunk = piece if isinstance(piece, str) else str(values[piece.name])
+                self._env.produced(len(chunk))
+                chunks.append(chunk)
+            return "".join(chunks)
         for chunk in template.generate(values):
             self._env.produced(len(chunk))
             chunks.append(chunk)
@@ -285,6 +297,45 @@ class Renderer:
                     raise NullValue(column)
                 values[column] = ""
         return values
+
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    """`{{ name }}` in a plain template: the row's value of that column."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Plain:
+    """A template that only puts columns into text (`Title: {{ title }}`), the usual
+    kind: rendered by joining its pieces, without Jinja. Jinja's render of a row costs
+    ~12 us (a context, its generator; the sandbox's hooks), a third of preparing a
+    400-character row, against ~1 us for this (measured: 20,000 such rows in-process).
+    What it produces is what Jinja produces: the same text, str() of each value."""
+
+    pieces: tuple[str | _Column, ...]
+
+
+#: A compiled template: Jinja's, or a plain one that needs none.
+_Compiled = Template | _Plain
+
+
+def _plain(ast: nodes.Template, columns: set[str]) -> _Plain | None:
+    """The template as plain pieces if it is only text and `{{ column }}`s, else None.
+    `columns`: the names it reads from the row (not `self`, which Jinja provides)."""
+    pieces: list[str | _Column] = []
+    for node in ast.body:
+        if not isinstance(node, nodes.Output):
+            return None
+        for child in node.nodes:
+            if isinstance(child, nodes.TemplateData):
+                pieces.append(child.data)
+            elif isinstance(child, nodes.Name) and child.name in columns:
+                pieces.append(_Column(child.name))
+            else:
+                return None
+    return _Plain(tuple(pieces))
 
 
 def _parse(env: ImmutableSandboxedEnvironment, text: str, name: str) -> nodes.Template:

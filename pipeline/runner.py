@@ -46,6 +46,7 @@ from pipeline.budget import Spent, check_budget, resume_note
 from pipeline.dedupe import Dedupe
 from pipeline.dispatch import DispatchStats
 from pipeline.errors import JobError, OutputError, PipelineError
+from pipeline.garbage import fewer_collections
 from pipeline.journal import Journal, Totals
 from pipeline.journal.writer import Writer
 from pipeline.online import Online
@@ -210,7 +211,8 @@ async def _send(
         if note:
             notify(note)
     async with _server(plan) as base_url:
-        return await send_all(plan, journal, base_url, earlier, notify, host)
+        with fewer_collections():
+            return await send_all(plan, journal, base_url, earlier, notify, host)
 
 
 def _ended(

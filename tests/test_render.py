@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from jinja2 import StrictUndefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pipeline.errors import NullValue, RenderFailed, TemplateError
+from pipeline.errors import NullValue, RenderFailed, RenderLimit, TemplateError
 from pipeline.render import MAX_RENDER_CHARS, Renderer
 from pipeline.spec import TemplateSpec
 from pipeline.tokens import bytes_over_four, estimate_tokens
@@ -81,3 +87,45 @@ def test_a_value_counts_once_against_the_render_size_limit() -> None:
     text = "x" * (MAX_RENDER_CHARS * 6 // 10)
     prompt = renderer().render({"id": 1, "text": text})
     assert prompt.messages[-1]["content"] == text
+
+
+#: Templates that only put columns into text: rendered without Jinja (render._Plain).
+PLAIN_TEMPLATES = [
+    pytest.param("{{ text }}", id="one-column"),
+    pytest.param("Title: {{ id }}\n\n{{text}}\n", id="lines-and-trailing-newline"),
+    pytest.param("{{ id }}{{ text }}", id="adjacent-columns"),
+    pytest.param("{% raw %}{{ id }}{% endraw %} {{ text }}", id="raw-block"),
+    pytest.param("{{ text }} {# a comment #} end", id="comment"),
+    pytest.param("  {{- text -}}  \n{{ id }}", id="whitespace-control"),
+    # Not plain: a name Jinja provides itself, not a column; Jinja renders it.
+    pytest.param("{{ self }} {{ text }}", id="jinja-own-name"),
+]
+#: Values of every kind a polars row can hold, and a few more.
+VALUES = [
+    pytest.param("plain words", id="str"),
+    pytest.param("café {{ id }} {% x %}", id="str-with-template-syntax"),
+    pytest.param(7, id="int"),
+    pytest.param(0.1 + 0.2, id="float"),
+    pytest.param(True, id="bool"),
+    pytest.param([1, "a", None], id="list"),
+    pytest.param({"k": [1.5]}, id="dict"),
+    pytest.param(datetime.date(2024, 2, 29), id="date"),
+    pytest.param(decimal.Decimal("1.10"), id="decimal"),
+    pytest.param(b"\x00bytes", id="bytes"),
+]
+
+
+@pytest.mark.parametrize("value", VALUES)
+@pytest.mark.parametrize("template", PLAIN_TEMPLATES)
+def test_a_plain_template_renders_what_jinja_renders(template: str, value: Any) -> None:
+    jinja = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    row = {"id": 12, "text": value}
+
+    out = renderer(user=f"<{template}>").messages(row)[0]["content"]
+
+    assert out == jinja.from_string(f"<{template}>").render(row)
+
+
+def test_a_plain_template_keeps_the_render_size_limit() -> None:
+    with pytest.raises(RenderLimit, match="past the render size limit"):
+        renderer(user="Text: {{ text }}").render({"id": 1, "text": "x" * MAX_RENDER_CHARS})
