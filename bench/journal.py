@@ -3,7 +3,7 @@
     make bench          # or: .venv/bin/python bench/journal.py
 
 Starts `pipeline simulate` as its own process (20 ms latency, no rate limits), then runs
-the same 20,000-row job in this process through `run.send_all`, alternately with the journal
+the same 20,000-row job in this process through `runner.send_all`, alternately with the journal
 as it is and with a journal whose writes do nothing, three times each, and prints the
 medians. Client CPU is `time.process_time()` around the dispatch (every thread of this
 process, the journal writer's included); the simulator's CPU is not in it.
@@ -28,7 +28,7 @@ from simproc import simulator
 from pipeline.journal import Journal
 from pipeline.plan import Plan, RunOptions, fingerprint, make_plan
 from pipeline.records import RowResult
-from pipeline.run import send_all
+from pipeline.runner import send_all
 from pipeline.spec import load_job
 
 ROWS = 20_000

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from pipeline import __version__
+from pipeline.api import run_job
 from pipeline.errors import Interrupted, JobError, PipelineError, RowProblem
 from pipeline.journal import Journal
 from pipeline.output import check_replaceable, recorded_output
@@ -31,7 +31,7 @@ from pipeline.plan import (
 )
 from pipeline.progress import plural, summary_table, usd
 from pipeline.redact import env_keys, redact_all
-from pipeline.run import execute
+from pipeline.runner import COMMAND
 from pipeline.spec import load_job
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -139,12 +139,12 @@ def _plan_options(func: F) -> F:
 @_errors_to_exit
 def run(job: Path, input_: Path | None, **flags: Any) -> None:
     """Send every row of JOB's input not yet done; write the output table."""
-    plan = make_plan(load_job(job), RunOptions(input=input_, **flags))
-    click.echo(f"{plan.job.name}: {plan.rows:,} rows from {plan.source.path}", err=True)
-    report = asyncio.run(execute(plan, notify=lambda line: click.echo(line, err=True)))
+    report = run_job(
+        job, RunOptions(input=input_, **flags), lambda line: click.echo(line, err=True), COMMAND
+    )
     s = report.summary
     summary_table(
-        f"{plan.job.name}: {s['ok']:,} ok, {s['failed']:,} failed, {s['pending']:,} pending",
+        f"{s['job']}: {s['ok']:,} ok, {s['failed']:,} failed, {s['pending']:,} pending",
         [
             ("output", s["output"]),
             ("rows", f"{s['rows']:,} ({s['resumed']:,} done by an earlier run)"),
@@ -190,7 +190,7 @@ def validate(job: Path, input_: Path | None, shown: int, **flags: Any) -> None:
     plan = make_plan(load_job(job), RunOptions(input=input_, **flags))
     click.echo(f"job {plan.job.name}: ok")
     click.echo(
-        f"input {plan.source.path}: {plan.rows:,} rows, columns {', '.join(plan.source.columns)}"
+        f"input {plan.source.name}: {plan.rows:,} rows, columns {', '.join(plan.source.columns)}"
     )
     click.echo(f"model {plan.job.request.model}, prices from {plan.pricer.source}")
     click.echo(f"output {plan.output}")

@@ -2,6 +2,7 @@
 
     rows = write_output(Path("out/x.parquet"), batches, journal, shape=OutputShape(),
                         prefix="", metadata={"pipeline.version": "0.1.0"})
+    table = output_frame(batches, journal, shape=OutputShape(), prefix="")  # in memory
 
 One output row per input row: the input columns unchanged, then the result columns.
 A row with no result yet (the run stopped early) has status "pending". The table is
@@ -74,6 +75,18 @@ def write_output(
     return atomic_write(path, lambda tmp: writer(tmp, frames, metadata))
 
 
+def output_frame(
+    batches: Iterable[pl.DataFrame], journal: Journal, *, shape: OutputShape, prefix: str
+) -> pl.DataFrame:
+    """The output as one DataFrame in memory (`pipeline.run_frame`): the same columns,
+    names and types `write_output` writes to Parquet, built batch by batch the same way."""
+    frames = [_with_results(b, journal, shape, prefix) for b in batches]
+    if not frames:
+        raise OutputError("the input has no rows: nothing to return")
+    # Every batch has the first one's types, as the Parquet writer casts them to.
+    return pl.concat(frames, how="vertical", rechunk=True)
+
+
 def _with_results(
     batch: pl.DataFrame, journal: Journal, shape: OutputShape, prefix: str
 ) -> pl.DataFrame:
@@ -85,20 +98,26 @@ def _with_results(
 def _joined(
     batch: pl.DataFrame, results: pl.DataFrame, shape: OutputShape, prefix: str
 ) -> pl.DataFrame:
-    """The batch's input columns, then its results' columns as the output has them."""
-    joined = batch.join(
-        results, left_on=ROW_INDEX, right_on="row", how="left", maintain_order="left"
-    ).with_columns(pl.col("status").fill_null("pending"))
+    """The batch's input columns, then its results' columns as the output has them.
+
+    The results are lined up with the batch's rows and shaped apart from the input, then
+    put beside it: an input column named like a result (`status`) stays the input's, and
+    the prefix keeps the two apart."""
+    aligned = (
+        batch.select(ROW_INDEX)
+        .join(results, left_on=ROW_INDEX, right_on="row", how="left", maintain_order="left")
+        .with_columns(pl.col("status").fill_null("pending"))
+    )
     if shape.answer == "embedding":
-        joined = joined.with_columns(
+        aligned = aligned.with_columns(
             pl.col("response").str.json_decode(pl.List(pl.Float32())).alias("response")
         )
     if shape.fields is not None:
-        joined = _decode_fields(joined, shape.fields)
+        aligned = _decode_fields(aligned, shape.fields)
     names = shape.columns()
-    inputs = [c for c in batch.columns if c != ROW_INDEX]
-    joined = joined.rename({"response": shape.answer}).select([*inputs, *names])
-    return joined.rename({c: prefix + c for c in names})
+    aligned = aligned.rename({"response": shape.answer}).select(names)
+    aligned = aligned.rename({c: prefix + c for c in names})
+    return pl.concat([batch.drop(ROW_INDEX), aligned], how="horizontal")
 
 
 def _decode_fields(frame: pl.DataFrame, fields: pl.Struct) -> pl.DataFrame:
@@ -307,14 +326,7 @@ def check_writable(path: Path, batch: pl.DataFrame, *, shape: OutputShape, prefi
     fmt = output_format(path)
     if path.is_dir():
         raise OutputRefused(f"the output {path} is a directory: name a .parquet or .csv file")
-    try:
-        frame = _joined(batch, _sample_results(batch, shape), shape, prefix)
-    except _WRITE_ERRORS as exc:
-        raise JobError(
-            f"the output {path} cannot be made from this input and job "
-            f"({first_line(exc)}); rename the input's columns "
-            'or set [output] prefix = "llm_"'
-        ) from None
+    frame = _sample_output(batch, shape, prefix, f"the output {path}")
     with tempfile.TemporaryDirectory(prefix="pipeline-check-") as folder:
         problem = _write_problem(Path(folder) / f"all{path.suffix}", fmt, frame)
         if problem is None:
@@ -328,6 +340,22 @@ def check_writable(path: Path, batch: pl.DataFrame, *, shape: OutputShape, prefi
         f"{path}: the output cannot be written as {fmt} ({problem}); choose the other format "
         "with --output (.parquet or .csv)"
     )
+
+
+def check_joinable(batch: pl.DataFrame, *, shape: OutputShape, prefix: str) -> None:
+    """`check_writable` for an output returned in memory (`pipeline.run_frame`): the
+    input's rows and made-up answers make the output's columns; nothing is written."""
+    _sample_output(batch, shape, prefix, "the output DataFrame")
+
+
+def _sample_output(batch: pl.DataFrame, shape: OutputShape, prefix: str, what: str) -> pl.DataFrame:
+    try:
+        return _joined(batch, _sample_results(batch, shape), shape, prefix)
+    except _WRITE_ERRORS as exc:
+        raise JobError(
+            f"{what} cannot be made from this input and job ({first_line(exc)}); rename "
+            'the input\'s columns or set [output] prefix = "llm_"'
+        ) from None
 
 
 def _sample_results(batch: pl.DataFrame, shape: OutputShape) -> pl.DataFrame:

@@ -4,12 +4,13 @@
     estimate(plan).cost_high                                      # USD at most, no request
 
 `pipeline validate` and `pipeline estimate` stop here; `pipeline run` goes on to
-`run.execute(plan)`.
+`runner.execute(plan)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,18 +28,20 @@ from pipeline.errors import (
     JobError,
     SpecError,
     TemplateError,
+    first_line,
 )
 from pipeline.json_schemas import answer_fields, check_field_names, check_schemas
-from pipeline.output import check_writable, result_columns
+from pipeline.output import check_joinable, check_writable, result_columns
 from pipeline.parse import AnswerCheck, OutputShape
 from pipeline.records import ROW_INDEX, Usage
 from pipeline.render import Renderer
-from pipeline.source import OTHER_SEPARATORS, Source, open_source
+from pipeline.source import FRAME_NAME, OTHER_SEPARATORS, Source, frame_source, open_source
 from pipeline.spec import (
     ANTHROPIC_BASE_URL,
     BASE_URL_ENV,
     MAX_CONCURRENCY,
     OPENAI_BASE_URL,
+    InputSpec,
     Job,
     PriceSpec,
     digest,
@@ -155,7 +158,11 @@ def apply_options(job: Job, opts: RunOptions) -> Job:
         "limits": job.limits.model_copy(update={k: v for k, v in lim.items() if v}),
     }
     if opts.input is not None:
-        updates["input"] = job.input.model_copy(update={"path": opts.input.resolve()})
+        path = opts.input.resolve()
+        given = job.input
+        updates["input"] = (
+            InputSpec(path=path) if given is None else given.model_copy(update={"path": path})
+        )
     if opts.output is not None:
         place = output_place(opts.output, Path.cwd())
         updates["output"] = job.output.model_copy(update={"path": place})
@@ -164,26 +171,35 @@ def apply_options(job: Job, opts: RunOptions) -> Job:
     return job.model_copy(update=updates)
 
 
-def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -> Plan:
-    """Check everything that can be checked before sending; raise JobError if anything is off."""
+def make_plan(
+    job: Job,
+    opts: RunOptions,
+    env: Mapping[str, str] = os.environ,
+    frame: pl.DataFrame | None = None,
+) -> Plan:
+    """Check everything that can be checked before sending; raise JobError if anything is off.
+
+    `frame`: the input as a DataFrame in memory (`pipeline.run_frame`), instead of the
+    job's input file; the job's `[input] key`, if it has one, keys its rows.
+    """
     job = apply_options(job, opts)
-    source = open_source(
-        job.input.path, format=job.input.format, key=job.input.key, separator=job.input.separator
-    )
+    source = _source(job, frame)
     renderer = _renderer(job, source)
     schema = job.json_schema()
     check_schemas(job, schema)
     base_url, api_key = _target(job, opts, env)
     req = job.request
-    endpoint = make_endpoint(req, job.template, base_url or "", schema, source.path.parent)
+    endpoint = make_endpoint(req, job.template, base_url or "", schema, source.folder)
     shape = OutputShape(
         fields=answer_fields(job, schema), answer=endpoint.answer_column, tool_calls=bool(req.tools)
     )
     check_field_names(shape)
     _check_collisions(source.columns, result_columns(shape, job.output.prefix))
-    check_writable(
-        job.output_path, source.head(DRY_WRITE_ROWS), shape=shape, prefix=job.output.prefix
-    )
+    sample = source.head(DRY_WRITE_ROWS)
+    if frame is None:
+        check_writable(job.output_path, sample, shape=shape, prefix=job.output.prefix)
+    else:  # no file is written: the rows' output is a DataFrame too
+        check_joinable(sample, shape=shape, prefix=job.output.prefix)
     pricer = make_pricer(req.model, job.price)
     tools = None
     if req.run_tools:
@@ -208,6 +224,19 @@ def make_plan(job: Job, opts: RunOptions, env: Mapping[str, str] = os.environ) -
     )
     _check_places(plan, env)
     return plan
+
+
+def _source(job: Job, frame: pl.DataFrame | None) -> Source:
+    """The input: the DataFrame given, else the job's input file, checked whole."""
+    given = job.input
+    if frame is not None:
+        return frame_source(frame, key=given.key if given is not None else None)
+    if given is None:
+        raise SpecError(
+            "the job names no input: give it [input] path = ..., run it with --input PATH, "
+            "or pass a DataFrame to pipeline.run_frame"
+        )
+    return open_source(given.path, format=given.format, key=given.key, separator=given.separator)
 
 
 def for_sending(plan: Plan) -> Plan:
@@ -286,7 +315,7 @@ def _separator_hint(source: Source) -> str | None:
         if separator in name and separator != source.separator:
             shown = separator.encode("unicode_escape").decode()
             return (
-                f"{source.path}: the file looks `{shown}`-separated (its one column is named "
+                f"{source.name}: the file looks `{shown}`-separated (its one column is named "
                 f'`{name[:60]}`): set [input] separator = "{shown}" in the job'
             )
     return None
@@ -377,14 +406,45 @@ def fingerprint(plan: Plan) -> dict[str, str]:
     refuses a resume that was safe: the message names the input, and that is the safe
     side of the trade.
     """
-    stat = plan.source.path.stat()
     parts = plan.job.fingerprint()
-    parts["input"] = f"{plan.source.path}:{stat.st_size}:{stat.st_mtime_ns}"
-    parts["input ctime"] = str(stat.st_ctime_ns)
+    source = plan.source
+    if source.path is not None:
+        stat = source.path.stat()
+        parts["input"] = f"{source.path}:{stat.st_size}:{stat.st_mtime_ns}"
+        parts["input ctime"] = str(stat.st_ctime_ns)
+    else:
+        assert source.frame is not None
+        parts[FRAME_PART] = frame_digest(source.frame)
     price = plan.job.price
     parts["price"] = digest(None if price is None else price.model_dump(mode="json"))
-    parts["key"] = digest(plan.job.input.key)
+    parts["key"] = digest(source.key)
     return parts
+
+
+#: The fingerprint's part for a DataFrame input; a refused resume names it as it is.
+FRAME_PART = "the input DataFrame's rows"
+
+
+def frame_digest(frame: pl.DataFrame) -> str:
+    """A DataFrame known by its content, in order: its schema and a hash of each row.
+
+    A DataFrame has no size and times to go by, but it is in memory, and hashing its
+    rows costs about what reading them does (polars' `hash_rows`, ~10 ms a million
+    rows). The hash is polars' own, stable within one polars version: after an upgrade
+    a resume from a DataFrame is refused as changed, the safe side.
+    """
+    try:
+        rows = frame.hash_rows().to_arrow()
+    except pl.exceptions.PolarsError as exc:  # a type polars cannot hash (Object)
+        raise InputError(
+            f"{FRAME_NAME}: its rows cannot be hashed to know them on resume "
+            f"({first_line(exc)}); convert Object columns to a polars type"
+        ) from None
+    hashed = hashlib.sha256(str(frame.schema).encode())
+    for buffer in rows.buffers()[1:]:
+        if buffer is not None:
+            hashed.update(buffer)
+    return hashed.hexdigest()[:16]
 
 
 def limited(batches: Iterator[pl.DataFrame], limit: int | None) -> Iterator[pl.DataFrame]:

@@ -1,6 +1,9 @@
 """What a person watching sees: a live bar on a terminal, a plain line every few seconds
 in CI or cron, and a summary table at the end.
 
+    async with Display(counters, stats):              # a bar on a terminal, else lines
+    async with Display(counters, stats, live=True):   # rich's bar (a notebook draws it too)
+
 The counters have one owner each (the journal writer for rows, the dispatcher for
 requests); the display only reads them.
 """
@@ -74,11 +77,18 @@ def describe(c: Counters, stats: DispatchStats) -> str:
 class Display:
     """Shows progress until closed. `async with Display(...)` around the run."""
 
-    def __init__(self, counters: Counters, stats: DispatchStats, stream: TextIO | None = None):
+    def __init__(
+        self,
+        counters: Counters,
+        stats: DispatchStats,
+        stream: TextIO | None = None,
+        live: bool | None = None,
+    ):
         self._counters = counters
         self._stats = stats
         self._stream = stream or sys.stderr
-        self._live = self._stream.isatty()
+        #: rich's live bar, or a plain line every PLAIN_INTERVAL_S; None: on a terminal.
+        self._live = self._stream.isatty() if live is None else live
         self._task: asyncio.Task[None] | None = None
         self._bar: Progress | None = None
         self._bar_id: TaskID | None = None
@@ -131,6 +141,15 @@ class Display:
             file=self._stream,
             flush=True,
         )
+
+
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel, where rich draws its bar as a widget.
+
+    Looked up as rich does, without importing IPython: a kernel has imported it."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def _duration(seconds: float) -> str:

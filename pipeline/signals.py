@@ -9,6 +9,13 @@
 The first signal stops the run taking rows; requests in flight have DRAIN_S to finish,
 then they are abandoned; either way the output is written.
 
+Python lets only the main thread install signal handlers, and only the main thread
+receives signals: a run in any other thread (`pipeline.run_frame` from a worker
+thread, or inside Jupyter's running loop) installs none and leaves signals to its host.
+A library call in the main thread installs them as the command does, but the second
+signal raises KeyboardInterrupt there (`exit_now=raise_interrupt`) instead of ending
+the process it is a guest in.
+
 The handler is Python's own (`signal.signal`), not the event loop's: it runs in the main
 thread between any two bytecodes, so a second signal ends the process even while
 something blocks the loop, and even while a worker thread (a template rendering without
@@ -23,6 +30,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
@@ -85,13 +93,26 @@ class Signals:
             signal.signal(sig, previous)
 
 
+def raise_interrupt(exit_code: int) -> None:
+    """A second signal's `exit_now` for a run inside someone else's program (the API):
+    unwind with KeyboardInterrupt rather than end the process."""
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def draining(
-    stop: Stop, abandon: Callable[[], int], notify: Callable[[str], None]
+    stop: Stop,
+    abandon: Callable[[], int],
+    notify: Callable[[str], None],
+    exit_now: Callable[[int], None] = os._exit,
 ) -> Iterator[None]:
     """A run's handlers: the first signal asks `stop` and drains; DRAIN_S later
     `abandon()` (the engine's) gives up the requests still out, and the output is
-    written; a second signal exits at once."""
+    written; a second signal calls `exit_now` (exits at once). Off the main thread,
+    where Python installs no handler, nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     loop = asyncio.get_running_loop()
     drain: list[asyncio.TimerHandle] = []
 
@@ -120,7 +141,7 @@ def draining(
             "output is written; interrupt again to stop at once"
         )
 
-    with Signals(loop, on_signal):
+    with Signals(loop, on_signal, exit_now):
         try:
             yield
         finally:

@@ -3,6 +3,12 @@
     job = load_job(Path("jobs/summarise.toml"))
     job.request.model            # "gpt-4o-mini"
     job.input.path               # absolute: relative paths resolve against the job file
+    job = job_from_mapping({"request": {"model": "gpt-4o-mini"},
+                            "template": {"user": "{{ text }}"}})   # the same, from Python
+
+A job built in Python (`Job(...)`, or a mapping with the job file's structure) needs no
+`[input]` (`pipeline.run_frame` gives it a DataFrame); its relative paths resolve against
+the working folder, and it is named "job" unless it says.
 
 Every key is checked once, here. An unknown key is an error that names the key and
 the nearest valid one; a missing required key says what to write.
@@ -14,8 +20,9 @@ import difflib
 import hashlib
 import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import (
@@ -289,13 +296,25 @@ class PriceSpec(_Strict):
     per_minute_usd: float = Field(default=0.0, ge=0)
 
 
+#: The name of a job built in Python that gives none (a job file's is its file's stem).
+DEFAULT_JOB_NAME = "job"
+
+
 class Job(_Strict):
-    name: str
-    #: The job file's directory: relative paths in the file resolve against it.
-    root: Path
+    """A job, as a job file gives it or as Python builds it:
+
+    Job(name="summarise", request=RequestSpec(model="gpt-4o-mini", max_tokens=64),
+        template=TemplateSpec(user="Summarise: {{ body }}"), limits=LimitsSpec(rpm=500))
+    """
+
+    name: str = DEFAULT_JOB_NAME
+    #: The job file's directory (for a job built in Python, the working folder when it
+    #: was built): relative paths in the job resolve against it.
+    root: Path = Field(default_factory=Path.cwd)
     #: The job file itself, named in messages about what it alone decides.
     file: Path | None = None
-    input: InputSpec
+    #: The input table; a job file must name one, a job given a DataFrame needs none.
+    input: InputSpec | None = None
     output: OutputSpec = OutputSpec()
     request: RequestSpec
     template: TemplateSpec
@@ -347,6 +366,12 @@ class Job(_Strict):
         return {name: digest(value) for name, value in parts.items()}
 
 
+class JobFile(Job):
+    """A job file's job: its [input] is required (`--input` can replace it, not supply it)."""
+
+    input: InputSpec
+
+
 def digest(value: Any) -> str:
     """A short, stable hash of a JSON-able value (keys sorted)."""
     return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
@@ -373,7 +398,7 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> str:
     )
 
 
-def load_job(path: Path) -> Job:
+def load_job(path: Path) -> JobFile:
     """Read and validate a job file; raise `SpecError` with every problem found."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -390,19 +415,43 @@ def load_job(path: Path) -> Job:
     raw["root"] = root
     raw["file"] = path
     try:
-        job = Job.model_validate(raw)
+        job = JobFile.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(_explain(path, exc)) from None
-    return _resolve_paths(job)
+        raise SpecError(_explain(str(path), exc)) from None
+    return resolve_paths(job)
 
 
-def _resolve_paths(job: Job) -> Job:
+#: How messages name a job given as a mapping, where a job file's would name the file.
+MAPPING_NAME = "the job mapping"
+
+
+def job_from_mapping(raw: Mapping[str, Any], root: Path | None = None) -> Job:
+    """A job from a mapping with the job file's structure (`[input]` optional), checked as
+    a job file is; relative paths resolve against `root` (default: the working folder).
+    Raises `SpecError` with every problem found.
+
+    >>> job_from_mapping({"request": {"model": "gpt-4o-mini"}, "template": {"user": "{{ t }}"}})
+    """
+    values = {"root": root or Path.cwd(), **raw}
+    try:
+        job = Job.model_validate(values)
+    except ValidationError as exc:
+        raise SpecError(_explain(MAPPING_NAME, exc)) from None
+    return resolve_paths(job)
+
+
+_AnyJob = TypeVar("_AnyJob", bound=Job)
+
+
+def resolve_paths(job: _AnyJob) -> _AnyJob:
+    """The job with every relative path in it made absolute against `job.root`."""
+
     def absolute(p: Path) -> Path:
         return p if p.is_absolute() else (job.root / p).resolve()
 
-    updates: dict[str, Any] = {
-        "input": job.input.model_copy(update={"path": absolute(job.input.path)})
-    }
+    updates: dict[str, Any] = {}
+    if job.input is not None:
+        updates["input"] = job.input.model_copy(update={"path": absolute(job.input.path)})
     if job.output.path is not None:
         place = output_place(job.output.path, job.root)
         updates["output"] = job.output.model_copy(update={"path": place})
@@ -425,9 +474,9 @@ def output_place(path: Path, root: Path) -> Path:
     return full.parent.resolve() / full.name
 
 
-def _explain(path: Path, exc: ValidationError) -> str:
+def _explain(where: str, exc: ValidationError) -> str:
     lines = [_explain_one(err) for err in exc.errors()]
-    head = f"{path}: {len(lines)} problem{'s' if len(lines) > 1 else ''} in the job file"
+    head = f"{where}: {len(lines)} problem{'s' if len(lines) > 1 else ''} in the job file"
     return "\n".join([head, *(f"  - {line}" for line in lines)])
 
 

@@ -282,7 +282,7 @@ def test_a_run_with_its_limits_far_above_need_never_loads_the_encoding(
         code = (
             "import asyncio, sys\nfrom pathlib import Path\n"
             "from pipeline import tokens\nfrom pipeline.plan import RunOptions, make_plan\n"
-            "from pipeline.run import execute\nfrom pipeline.spec import load_job\n"
+            "from pipeline.runner import execute\nfrom pipeline.spec import load_job\n"
             f"options = RunOptions(base_url={sim.url!r}, fresh=True, {limits})\n"
             "plan = make_plan(load_job(Path(sys.argv[1])), options)\n"
             "assert asyncio.run(execute(plan)).exit_code == 0\n"

@@ -39,6 +39,19 @@ def test_csv_to_parquet_keeps_input_columns_order_and_adds_results(
     assert sim.sim.stats.ok == 40
 
 
+def test_prefix_keeps_an_input_column_named_like_a_result(tmp_path: Path, sim: Server) -> None:
+    rows = [{**row, "status": "mine"} for row in texts(3)]
+    job = write_job(tmp_path, rows, tables={"output": {"path": "out.parquet", "prefix": "llm_"}})
+
+    result = run_job(job, sim)
+
+    assert result.exit_code == 0, result.output
+    out = read_output(tmp_path / "out.parquet")
+    assert out.columns == ["id", "text", "status", *(f"llm_{c}" for c in RESULT_SCHEMA)]
+    assert out["status"].to_list() == ["mine"] * 3
+    assert out["llm_status"].to_list() == ["ok"] * 3
+
+
 def test_parquet_to_csv(tmp_path: Path, sim: Server) -> None:
     job = write_job(tmp_path, texts(12), input_name="in.parquet", output="out.csv")
 

@@ -3,6 +3,9 @@
     plan = make_plan(load_job(path), RunOptions(simulate=True))   # plan.py: nothing sent
     report = asyncio.run(execute(plan, notify=print))             # the run itself
     report.exit_code
+    report, table = asyncio.run(execute_frame(make_plan(job, opts, frame=df)))  # in memory
+
+(The module is `runner`, not `run`: `pipeline.run` is the public function, api.py.)
 
 The stages, each in its own file, in the order a row meets them:
 
@@ -29,12 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
+import polars as pl
 
 from pipeline import __version__
 from pipeline.bounds import ESTIMATE_BOUND
@@ -50,6 +55,7 @@ from pipeline.output import (
     OUTPUT_META,
     check_disk,
     check_replaceable,
+    output_frame,
     output_record,
     pending_record,
     recorded_output,
@@ -75,6 +81,8 @@ class Report:
     exit_code: int
     message: str | None
     summary: dict[str, Any]
+    #: Why the run stopped early (a halt, the budget, a signal), if it did.
+    stopped: PipelineError | None = None
 
 
 class Engine(Protocol):
@@ -104,54 +112,126 @@ def _engine(
     return Online(plan, transport, build, writer=writer, stop=stop)
 
 
-async def execute(plan: Plan, notify: Callable[[str], None] = lambda _: None) -> Report:
+@dataclass(frozen=True)
+class Host:
+    """How a run meets the program it runs in: the command's ways, or a library call's."""
+
+    #: None: rich's live bar on a terminal, a plain line every few seconds elsewhere;
+    #: True: rich's bar wherever (a notebook draws it); False: no display at all.
+    progress: bool | None = None
+    #: What a second SIGINT/SIGTERM calls (signals.draining): the command exits at once.
+    exit_now: Callable[[int], None] = os._exit
+
+
+#: The command's: a bar on a terminal, lines in CI, and a second signal ends the process.
+COMMAND = Host()
+
+
+async def execute(
+    plan: Plan, notify: Callable[[str], None] = lambda _: None, host: Host = COMMAND
+) -> Report:
     """Run the plan: send what is not done yet, then write the output and the summary."""
     started = time.time()
-    if plan.key_problem is not None:
-        raise JobError(plan.key_problem)
+    _check_key(plan)
     check_disk({plan.output.parent, plan.journal_path.parent}, plan.rows)
     recorded = recorded_output(plan.journal_path, plan.output)  # before --fresh discards it
-    journal = Journal.open(
-        plan.journal_path, fingerprint(plan), fresh=plan.options.fresh, job=plan.job.name
-    )
+    journal = _open_journal(plan, notify)
     try:
-        if journal.set_aside:
-            notify(journal.set_aside)
         check_replaceable(plan.output, recorded)
         budget = check_budget(plan, journal)  # before the run is on record as started
         for path in (plan.output, plan.summary_path):
             remove_leftovers(path.parent, path.name)
         remove_leftovers(plan.files_dir)
-        journal.set_meta(
-            last_started=str(started),
-            last_finished="",
-            last_exit="",
-            input=str(plan.source.path),
-            rows=str(plan.rows),
-        )
-        earlier = journal.totals()
-        for note in (resume_note(plan, journal, earlier.ok + earlier.failed), budget):
-            if note:
-                notify(note)
-        async with _server(plan) as base_url:
-            with fewer_collections():
-                sent = await send_all(plan, journal, base_url, earlier, notify)
+        sent = await _send(plan, journal, started, budget, notify, host)
         journal.set_meta(**{OUTPUT_META: pending_record(plan.output)})
         try:
             summary = await asyncio.to_thread(_finish, plan, journal, sent, started)
         except OutputError as exc:
             raise OutputError(_kept_note(plan, exc)) from None
         journal.set_meta(**{OUTPUT_META: output_record(plan.output)})
-        if summary["rows_without_usage"]:
-            notify(
-                f"warning: {plural(summary['rows_without_usage'], 'row')} answered without "
-                "`usage`: their cost is unknown (cost_usd is empty), is not in the totals, "
-                "and --max-cost cannot count it"
-            )
-        report = _report(plan, sent.stop, summary)
-        journal.set_meta(last_finished=str(time.time()), last_exit=str(report.exit_code))
+        report = _ended(plan, journal, sent, summary, notify)
     finally:
         journal.close()
+    return report
+
+
+async def execute_frame(
+    plan: Plan, notify: Callable[[str], None] = lambda _: None, host: Host = COMMAND
+) -> tuple[Report, pl.DataFrame]:
+    """Run a plan over a DataFrame (`make_plan(..., frame=...)`): send what is not done
+    yet, and return the output as a DataFrame, with the summary; no file is written but
+    the checkpoint (and the files answers carry, images, beside the job's output)."""
+    started = time.time()
+    _check_key(plan)
+    check_disk({plan.journal_path.parent}, plan.rows)
+    journal = _open_journal(plan, notify)
+    try:
+        budget = check_budget(plan, journal)
+        remove_leftovers(plan.files_dir)
+        sent = await _send(plan, journal, started, budget, notify, host)
+        frame = await asyncio.to_thread(_output_frame, plan, journal)
+        summary = _summary(plan, journal, sent, started, output=None, rows=frame.height)
+        report = _ended(plan, journal, sent, summary, notify)
+    finally:
+        journal.close()
+    return report, frame
+
+
+def _check_key(plan: Plan) -> None:
+    if plan.key_problem is not None:
+        raise JobError(plan.key_problem)
+
+
+def _open_journal(plan: Plan, notify: Callable[[str], None]) -> Journal:
+    journal = Journal.open(
+        plan.journal_path, fingerprint(plan), fresh=plan.options.fresh, job=plan.job.name
+    )
+    if journal.set_aside:
+        notify(journal.set_aside)
+    return journal
+
+
+async def _send(
+    plan: Plan,
+    journal: Journal,
+    started: float,
+    budget: str | None,
+    notify: Callable[[str], None],
+    host: Host,
+) -> Sent:
+    """The run on record as started, its notes told, then its requests sent."""
+    journal.set_meta(
+        last_started=str(started),
+        last_finished="",
+        last_exit="",
+        input=plan.source.name,
+        rows=str(plan.rows),
+    )
+    earlier = journal.totals()
+    for note in (resume_note(plan, journal, earlier.ok + earlier.failed), budget):
+        if note:
+            notify(note)
+    async with _server(plan) as base_url:
+        with fewer_collections():
+            return await send_all(plan, journal, base_url, earlier, notify, host)
+
+
+def _ended(
+    plan: Plan,
+    journal: Journal,
+    sent: Sent,
+    summary: dict[str, Any],
+    notify: Callable[[str], None],
+) -> Report:
+    """The run's warnings told, its report made, and its end on record."""
+    if summary["rows_without_usage"]:
+        notify(
+            f"warning: {plural(summary['rows_without_usage'], 'row')} answered without "
+            "`usage`: their cost is unknown (cost_usd is empty), is not in the totals, "
+            "and --max-cost cannot count it"
+        )
+    report = _report(plan, sent.stop, summary)
+    journal.set_meta(last_finished=str(time.time()), last_exit=str(report.exit_code))
     return report
 
 
@@ -161,6 +241,7 @@ async def send_all(
     base_url: str,
     earlier: Totals,
     notify: Callable[[str], None] = lambda _: None,
+    host: Host = COMMAND,
 ) -> Sent:
     """The stages that send, wired: requests -> engine -> writer, in one TaskGroup."""
     plan = for_sending(plan)
@@ -189,7 +270,7 @@ async def send_all(
         proxy=env_proxy(build.url),
     )
     engine = _engine(plan, transport, build, writer, stop)
-    with draining(stop, engine.abandon, notify):
+    with draining(stop, engine.abandon, notify, host.exit_now):
         try:
             async with transport:
                 # Before the first row: a server that cannot serve any halts the run here.
@@ -198,7 +279,7 @@ async def send_all(
                 )
                 if halt is not None:
                     stop.ask(halt)
-                async with Display(counters, engine.stats), asyncio.TaskGroup() as tg:
+                async with _display(host, counters, engine.stats), asyncio.TaskGroup() as tg:
                     tg.create_task(writer.run())
                     await engine.run(requests.stream())
                     await writer.close()
@@ -209,6 +290,14 @@ async def send_all(
                 group = first
             raise first from None
     return Sent(counters, engine.stats, stop)
+
+
+def _display(
+    host: Host, counters: Counters, stats: DispatchStats
+) -> contextlib.AbstractAsyncContextManager[object]:
+    if host.progress is False:
+        return contextlib.nullcontext()
+    return Display(counters, stats, live=host.progress)
 
 
 def _collector(plan: Plan, dedupe: Dedupe | None) -> Callable[[Outcome], list[RowResult]]:
@@ -237,7 +326,7 @@ def _kept_note(plan: Plan, exc: OutputError) -> str:
 def _report(plan: Plan, stop: Stop, summary: dict[str, Any]) -> Report:
     reason = stop.reason
     if reason is not None:
-        return Report(reason.exit_code, redact(str(reason), plan.api_key), summary)
+        return Report(reason.exit_code, redact(str(reason), plan.api_key), summary, reason)
     failed_share = summary["failed"] / max(plan.rows, 1)
     if summary["failed"] and failed_share > plan.job.limits.max_error_rate:
         return Report(1, f"{summary['failed']} row(s) failed; see `error` in the output", summary)
@@ -259,9 +348,28 @@ async def _server(plan: Plan) -> AsyncIterator[str]:
 
 
 def _finish(plan: Plan, journal: Journal, sent: Sent, started: float) -> dict[str, Any]:
-    job, c, stats = plan.job, sent.counters, sent.stats
-    parts = fingerprint(plan)
-    provenance = {
+    """The output and the summary written; the summary returned."""
+    written = write_output(
+        plan.output,
+        limited(plan.source.batches(BATCH_ROWS), plan.options.limit),
+        journal,
+        shape=plan.shape,
+        prefix=plan.job.output.prefix,
+        metadata={f"pipeline.{k}": str(v) for k, v in _provenance(plan).items()},
+    )
+    summary = _summary(plan, journal, sent, started, output=str(plan.output), rows=written)
+    write_bytes_atomic(plan.summary_path, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    return summary
+
+
+def _output_frame(plan: Plan, journal: Journal) -> pl.DataFrame:
+    batches = limited(plan.source.batches(BATCH_ROWS), plan.options.limit)
+    return output_frame(batches, journal, shape=plan.shape, prefix=plan.job.output.prefix)
+
+
+def _provenance(plan: Plan) -> dict[str, Any]:
+    job, parts = plan.job, fingerprint(plan)
+    return {
         "job": job.name,
         "job_fingerprint": digest(parts),
         "template_hash": parts["template"],
@@ -269,23 +377,22 @@ def _finish(plan: Plan, journal: Journal, sent: Sent, started: float) -> dict[st
         "model": job.request.model,
         "version": __version__,
     }
-    written = write_output(
-        plan.output,
-        limited(plan.source.batches(BATCH_ROWS), plan.options.limit),
-        journal,
-        shape=plan.shape,
-        prefix=job.output.prefix,
-        metadata={f"pipeline.{k}": str(v) for k, v in provenance.items()},
-    )
+
+
+def _summary(
+    plan: Plan, journal: Journal, sent: Sent, started: float, *, output: str | None, rows: int
+) -> dict[str, Any]:
+    """What the command writes as `<name>.summary.json`; `output` None: a DataFrame's run."""
+    c, stats = sent.counters, sent.stats
     totals = journal.totals()
-    summary: dict[str, Any] = {
-        **provenance,
-        "output": str(plan.output),
+    return {
+        **_provenance(plan),
+        "output": output,
         "journal": str(plan.journal_path),
-        "rows": written,
+        "rows": rows,
         "ok": totals.ok,
         "failed": totals.failed,
-        "pending": written - totals.ok - totals.failed,
+        "pending": rows - totals.ok - totals.failed,
         "resumed": c.resumed,
         "shared_answers": c.shared,
         "cut_off_by_max_tokens": totals.cut_off,
@@ -302,5 +409,3 @@ def _finish(plan: Plan, journal: Journal, sent: Sent, started: float) -> dict[st
         "duration_s": round(time.time() - started, 3),
         "stop_reason": redact(str(sent.stop.reason or ""), plan.api_key) or None,
     }
-    write_bytes_atomic(plan.summary_path, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    return summary
