@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from collections.abc import Iterator
 
 #: Allocations between two collections of the youngest generation while sending. A
@@ -40,25 +41,29 @@ class _Tuned:
 
 
 _tuned = _Tuned()
+#: Runs in several threads at once (`run_frame` from worker threads) count one at a time.
+_counting = threading.Lock()
 
 
 @contextlib.contextmanager
 def fewer_collections() -> Iterator[None]:
     """Freeze what is alive now (imports, the plan: never garbage while sending) and
     collect the young generation less often; restore both on the way out."""
-    if _tuned.runs == 0:
-        _tuned.threshold = gc.get_threshold()
-        # A caller that froze objects of its own keeps them frozen: only ours are thawed.
-        _tuned.froze = gc.get_freeze_count() == 0
-        if _tuned.froze:
-            gc.freeze()
-        gc.set_threshold(YOUNG_THRESHOLD, *_tuned.threshold[1:])
-    _tuned.runs += 1
+    with _counting:
+        if _tuned.runs == 0:
+            _tuned.threshold = gc.get_threshold()
+            # A caller that froze objects of its own keeps them frozen: only ours thaw.
+            _tuned.froze = gc.get_freeze_count() == 0
+            if _tuned.froze:
+                gc.freeze()
+            gc.set_threshold(YOUNG_THRESHOLD, *_tuned.threshold[1:])
+        _tuned.runs += 1
     try:
         yield
     finally:
-        _tuned.runs -= 1
-        if _tuned.runs == 0:
-            gc.set_threshold(*_tuned.threshold)
-            if _tuned.froze:
-                gc.unfreeze()
+        with _counting:
+            _tuned.runs -= 1
+            if _tuned.runs == 0:
+                gc.set_threshold(*_tuned.threshold)
+                if _tuned.froze:
+                    gc.unfreeze()
