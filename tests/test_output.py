@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from conftest import read_output
 
+from pipeline import output
 from pipeline.errors import InputError, OutputError, OutputRefused
 from pipeline.journal import Journal
 from pipeline.output import (
@@ -125,6 +127,20 @@ def test_a_csv_written_in_batches_has_one_header(tmp_path: Path, journal: Journa
     assert lines[0].startswith("id,text,status,")
     assert len(lines) == 1 + 6
     assert sum(line.startswith("id,") for line in lines) == 1
+
+
+def test_parquet_batches_are_gathered_into_row_groups_of_about_row_group_bytes(
+    tmp_path: Path, journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "out.parquet"
+    write(path, journal)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1  # two small batches, one group
+
+    # Row groups close once they hold that much: here, after every batch.
+    monkeypatch.setattr(output, "ROW_GROUP_BYTES", 1)
+    write(path, journal)
+    assert pq.ParquetFile(path).metadata.num_row_groups == len(BATCHES)
+    assert read_output(path)["id"].to_list() == [f"r{r}" for r in range(6)]
 
 
 # --- the format, by suffix ------------------------------------------------------------
