@@ -30,9 +30,9 @@ The checkpoint. `run` keeps the job's, as the command does (beside its output, o
 call returns a result and kept when the run stopped early (its path is in the message):
 a DataFrame has no file to keep a checkpoint beside, and a call is a unit of work whose
 result is the DataFrame. With `checkpoint=PATH` a call resumes there: rows answered by an
-earlier call with the same job and the same DataFrame are not sent again (a different
-DataFrame is refused, naming it, as the command refuses a changed input; `fresh=True`
-starts over).
+earlier call with the same job are not sent again, and a different DataFrame (tonight's
+export) reuses the answers its rows' requests got before, sending only its new and
+changed rows, as the command does for a changed input; `fresh=True` starts over.
 
 Where it runs. The sync forms work in the main thread, in any `threading.Thread`, and
 under a running event loop (Jupyter), where the run gets a private loop in a worker

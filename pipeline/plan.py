@@ -395,7 +395,8 @@ def _check_collisions(columns: tuple[str, ...], results: list[str]) -> None:
 
 def fingerprint(plan: Plan) -> dict[str, str]:
     """What the results depend on, the input file included (by path, size and mtime,
-    and ctime), the prices and the key column: a resume whose parts differ is refused.
+    and ctime), the prices and the key column: a resume whose job parts differ is
+    refused; one whose input parts (INPUT_PARTS) differ is a new input.
 
     The input is known by its metadata, not its content. A content hash would catch
     every edit but costs a read of the whole file at every start (sha256 took 0.68 s
@@ -423,6 +424,9 @@ def fingerprint(plan: Plan) -> dict[str, str]:
 
 #: The fingerprint's part for a DataFrame input; a refused resume names it as it is.
 FRAME_PART = "the input DataFrame's rows"
+#: The fingerprint's parts that name the input: when only these change, the input is
+#: new, not the job (its rows reuse the answers their requests got before: reuse.py).
+INPUT_PARTS = frozenset({"input", "input ctime", FRAME_PART})
 
 
 def frame_digest(frame: pl.DataFrame) -> str:

@@ -65,12 +65,13 @@ from pipeline.output import (
     write_output,
 )
 from pipeline.parse import to_results
-from pipeline.plan import BATCH_ROWS, Plan, fingerprint, for_sending, limited
+from pipeline.plan import BATCH_ROWS, INPUT_PARTS, Plan, fingerprint, for_sending, limited
 from pipeline.preflight import check_server
 from pipeline.prepare import RequestBuilder, Requests
 from pipeline.progress import Counters, Display, plural
 from pipeline.records import Outcome, RowResult, Stop, Work
 from pipeline.redact import redact, redact_result
+from pipeline.reuse import reuse
 from pipeline.signals import draining
 from pipeline.spec import digest
 from pipeline.transport import AiohttpTransport, Transport, env_proxy
@@ -135,7 +136,7 @@ async def execute(
     _check_key(plan)
     check_disk({plan.output.parent, plan.journal_path.parent}, plan.rows)
     recorded = recorded_output(plan.journal_path, plan.output)  # before --fresh discards it
-    journal = _open_journal(plan, notify)
+    journal = await _open_journal(plan, notify)
     try:
         check_replaceable(plan.output, recorded)
         budget = check_budget(plan, journal)  # before the run is on record as started
@@ -164,7 +165,7 @@ async def execute_frame(
     started = time.time()
     _check_key(plan)
     check_disk({plan.journal_path.parent}, plan.rows)
-    journal = _open_journal(plan, notify)
+    journal = await _open_journal(plan, notify)
     try:
         budget = check_budget(plan, journal)
         remove_leftovers(plan.files_dir)
@@ -182,12 +183,24 @@ def _check_key(plan: Plan) -> None:
         raise JobError(plan.key_problem)
 
 
-def _open_journal(plan: Plan, notify: Callable[[str], None]) -> Journal:
+async def _open_journal(plan: Plan, notify: Callable[[str], None]) -> Journal:
+    """The run's journal, open; when the input changed since the last run, its rows
+    given the answers their requests got before (reuse.py), and the split told."""
     journal = Journal.open(
-        plan.journal_path, fingerprint(plan), fresh=plan.options.fresh, job=plan.job.name
+        plan.journal_path,
+        fingerprint(plan),
+        fresh=plan.options.fresh,
+        job=plan.job.name,
+        inputs=INPUT_PARTS,
     )
-    if journal.set_aside:
-        notify(journal.set_aside)
+    try:
+        if journal.set_aside:
+            notify(journal.set_aside)
+        if journal.reusing:
+            notify((await asyncio.to_thread(reuse, plan, journal)).note())
+    except BaseException:
+        journal.close()
+        raise
     return journal
 
 

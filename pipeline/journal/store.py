@@ -85,6 +85,8 @@ FORMAT_VERSION = 1
 #: the checkpoint after a crash folds the `-wal` in and deletes it, losing nothing.
 _COMMITS = "commits"
 _COUNT = f"INSERT OR REPLACE INTO meta VALUES ('{_COMMITS}', ?)"
+#: meta `reusing`: "1" from the open that found a new input until a reuse pass ends.
+_REUSING = "reusing"
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -101,6 +103,12 @@ CREATE TABLE IF NOT EXISTS results (
 -- one row per request however many rows share its answer.
 CREATE INDEX IF NOT EXISTS sent_answers_by_hash ON results (request_hash)
     WHERE status = 'ok' AND attempts > 0;
+-- Answers of an earlier input, by request: what a changed input reuses (`reuse`).
+CREATE TABLE IF NOT EXISTS earlier (
+    request_hash INTEGER PRIMARY KEY,
+    {", ".join(f"{name} {_sql_type(dtype)}" for name, dtype in RESULT_SCHEMA.items())},
+    {", ".join(f"{name} {_sql_type(dtype)}" for name, dtype in _OPTIONAL.items())}
+);
 """
 _SEND = (
     "INSERT OR REPLACE INTO results (row, request_hash, status, tokens) "
@@ -111,6 +119,25 @@ _SEND = (
 _UPSERT = (
     f"INSERT INTO results ({', '.join(_STORED)}) VALUES ({', '.join('?' for _ in _STORED)}) "
     "ON CONFLICT (row) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _STORED[1:])
+)
+#: The columns an earlier input's answer keeps: all but its row.
+_ANSWER = _STORED[1:]
+# A new input: every answer sent for the old one is kept by its request (one per
+# request; a shared copy, attempts 0, was not sent), and the old rows' results go.
+_KEEP = (
+    f"INSERT OR IGNORE INTO earlier ({', '.join(_ANSWER)}) "
+    f"SELECT {', '.join(_ANSWER)} FROM results "
+    "WHERE status = 'ok' AND attempts > 0 AND request_hash IS NOT NULL"
+)
+_FORGET_ROWS = f"DELETE FROM results WHERE status != '{SENDING}'"
+# A row of the new input takes the answer its request got before, as it was billed;
+# not a row recorded as sending (its note comes first), nor a second row asking the
+# same (it shares the first's answer during the run, at no cost, as dedupe does).
+_REUSE = (
+    f"INSERT OR IGNORE INTO results ({', '.join(_STORED)}) "
+    f"SELECT ?, {', '.join(_ANSWER)} FROM earlier AS e WHERE e.request_hash = ? "
+    "AND NOT EXISTS (SELECT 1 FROM results AS r WHERE r.request_hash = e.request_hash "
+    "AND r.status = 'ok' AND r.attempts > 0)"
 )
 # A row recorded as sending whose request never left (the run stopped first).
 _UNSEND = f"DELETE FROM results WHERE row = ? AND status = '{SENDING}'"
@@ -185,10 +212,18 @@ class Journal:
 
     @classmethod
     def open(
-        cls, path: Path, fingerprint: dict[str, str], *, fresh: bool, job: str | None = None
+        cls,
+        path: Path,
+        fingerprint: dict[str, str],
+        *,
+        fresh: bool,
+        job: str | None = None,
+        inputs: frozenset[str] = frozenset(),
     ) -> Journal:
         """Open (or start) the journal for a run: take the lock, check that the file is
-        a sound checkpoint of this job, check the fingerprint. `job`: the job's name."""
+        a sound checkpoint of this job, check the fingerprint. `job`: the job's name;
+        `inputs`: the fingerprint's parts that name the input, whose change alone is a
+        new input (its rows start over, its requests' answers are kept to reuse)."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -212,7 +247,7 @@ class Journal:
             journal._check_commits(wal, tables)
             db.executescript(_SCHEMA)
             _add_missing_columns(db)
-            journal._check_fingerprint(fingerprint)
+            journal._check_fingerprint(fingerprint, inputs)
             journal.set_aside = set_aside
             journal._claim(job)
             journal._open_tally()
@@ -314,7 +349,9 @@ class Journal:
             with contextlib.suppress(OSError):  # not told: the next check is laxer only
                 os.pwrite(self._tally, f"{self._commits:020d}\n".encode(), 0)
 
-    def _check_fingerprint(self, fingerprint: dict[str, str]) -> None:
+    def _check_fingerprint(self, fingerprint: dict[str, str], inputs: frozenset[str]) -> None:
+        """Refuse a checkpoint of another version of the job; a changed input (only
+        the parts in `inputs` differ) starts a new input instead (`_new_input`)."""
         stored = self.meta("fingerprint")
         if stored is not None:
             previous: dict[str, str] = orjson.loads(stored)
@@ -324,6 +361,9 @@ class Journal:
             changed = [k for k in keys if k in previous and fingerprint.get(k) != previous[k]]
             if "input" in changed and "input ctime" in changed:  # an edit moves both
                 changed.remove("input ctime")
+            if changed and all(k in inputs for k in changed):
+                self._new_input()
+                changed = []
             if changed and self.count() > 0:
                 raise JobError(
                     f"the checkpoint {self.path} was written by a different version of this "
@@ -332,6 +372,63 @@ class Journal:
                     "restore the job as it was to resume"
                 )
         self.set_meta(fingerprint=orjson.dumps(fingerprint).decode())
+
+    def _new_input(self) -> None:
+        """The input changed: keep every answer sent by its request, forget the rows
+        (positions that now hold other rows), and mark the new rows as still to be given
+        their answers (`reusing`). Rows recorded as sending stay, to be reported as in
+        flight and sent again if their row still asks."""
+
+        def change(db: sqlite3.Connection) -> None:
+            db.execute(_KEEP)
+            db.execute(_FORGET_ROWS)
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, '1')", (_REUSING,))
+
+        self._commit(change)
+
+    def earlier_answers(self) -> int:
+        """Answers kept from earlier inputs (`reuse` gives them to the rows that ask)."""
+        (n,) = self._reader.execute("SELECT count(*) FROM earlier").fetchone()
+        return int(n)
+
+    @property
+    def reusing(self) -> bool:
+        """Whether the rows of a new input are still to be given their earlier answers
+        (`reuse.reuse`): from the open that found the input changed until a pass ends."""
+        return self.meta(_REUSING) == "1"
+
+    def reuse(self, asked: Sequence[tuple[int, int]]) -> int:
+        """Give each (row, request hash) the answer an earlier input's request got, as it
+        was billed, in one transaction; return how many rows ask what was answered. A
+        row asking what a row before it took is left to share it during the run."""
+        found: set[int] = set()
+        for start in range(0, len(asked), _IN_CHUNK):
+            chunk = asked[start : start + _IN_CHUNK]
+            marks = ", ".join("?" for _ in chunk)
+            cursor = self._reader.execute(
+                f"SELECT request_hash FROM earlier WHERE request_hash IN ({marks})",
+                [digest for _, digest in chunk],
+            )
+            found.update(d for (d,) in cursor)
+        rows = [(row, digest) for row, digest in asked if digest in found]
+        if rows:
+            self._commit(lambda db: db.executemany(_REUSE, rows))
+        return len(rows)
+
+    def reused(self) -> None:
+        """A reuse pass ended: the next start need not run one."""
+        self._commit(lambda db: db.execute(f"DELETE FROM meta WHERE key = '{_REUSING}'"))
+
+    def _commit(self, change: Callable[[sqlite3.Connection], object]) -> None:
+        """One counted transaction (see `_COMMITS`)."""
+        try:
+            with self._db:
+                change(self._db)
+                self._db.execute(_COUNT, (str(self._commits + 1),))
+        except sqlite3.Error as exc:
+            raise OutputError(f"cannot write the checkpoint {self.path}: {exc}") from None
+        self._commits += 1
+        self._tell()
 
     def meta(self, key: str) -> str | None:
         row = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -398,6 +495,19 @@ class Journal:
             for values in cursor:
                 result = RowResult(*values)
                 found.setdefault(int(result.request_hash or 0), result)
+        # An earlier input's answer, for a row the reuse pass left (one that was in
+        # flight at a crash): shared, as an answer of this input would be.
+        rest = [d for d in wanted if d not in found]
+        for start in range(0, len(rest), _IN_CHUNK):
+            chunk = rest[start : start + _IN_CHUNK]
+            marks = ", ".join("?" for _ in chunk)
+            cursor = self._reader.execute(
+                f"SELECT 0, {', '.join(_ANSWER)} FROM earlier WHERE request_hash IN ({marks})",
+                chunk,
+            )
+            for values in cursor:
+                result = RowResult(*values)
+                found[int(result.request_hash or 0)] = result
         return found
 
     @_reading

@@ -1,0 +1,127 @@
+"""Nightly runs: a changed input is normal, and pays only for what is new.
+
+A row whose request was answered `ok` for an earlier input of the same job is not sent
+again: a new export of the same table, rows appended, changed, deleted or reordered.
+Requests are counted at the simulator; outputs are complete and in the input's order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from conftest import Server, read_output, run_job, write_job
+
+ROWS = 40
+
+
+def texts(ids: list[int], changed: frozenset[int] = frozenset()) -> list[dict[str, Any]]:
+    return [{"id": i, "text": f"row {i}" + (" (edited)" if i in changed else "")} for i in ids]
+
+
+def rewrite(table: Path, rows: list[dict[str, Any]]) -> None:
+    """A new export: another file in the table's place (a new inode and mtime)."""
+    fresh = table.with_suffix(".new.csv")
+    pl.DataFrame(rows).write_csv(fresh)
+    fresh.replace(table)
+
+
+def test_a_new_export_of_the_same_table_sends_nothing(tmp_path: Path, sim: Server) -> None:
+    job = write_job(tmp_path, texts(list(range(ROWS))))
+    assert run_job(job, sim).exit_code == 0
+    first = read_output(tmp_path / "out.parquet")
+    table = tmp_path / "input.csv"
+    data = table.read_bytes()
+    table.unlink()
+    table.write_bytes(data)  # the same bytes, a new file
+
+    result = run_job(job, sim)
+
+    assert result.exit_code == 0, result.output
+    assert sim.sim.stats.requests == ROWS
+    assert f"{ROWS} ask what was answered before" in result.output
+    assert "0 to send" in result.output
+    again = read_output(tmp_path / "out.parquet")
+    assert again.drop("latency_ms").equals(first.drop("latency_ms"))
+
+
+def test_appended_changed_deleted_and_reordered_rows_send_only_the_new_and_changed(
+    tmp_path: Path, sim: Server
+) -> None:
+    job = write_job(tmp_path, texts(list(range(ROWS))))
+    assert run_job(job, sim).exit_code == 0
+    first = read_output(tmp_path / "out.parquet")
+    answers = dict(zip(first["id"].to_list(), first["response"].to_list(), strict=True))
+    # Reversed, rows 3 and 7 deleted, 10 and 11 edited, three appended.
+    ids = [i for i in reversed(range(ROWS)) if i not in (3, 7)] + [100, 101, 102]
+    rewrite(tmp_path / "input.csv", texts(ids, changed=frozenset({10, 11})))
+
+    result = run_job(job, sim)
+
+    assert result.exit_code == 0, result.output
+    assert sim.sim.stats.requests == ROWS + 5, "the two edited and the three new rows"
+    assert max(sim.sim.stats.by_body.values()) == 1, "no request was sent twice"
+    assert "5 to send" in result.output
+    out = read_output(tmp_path / "out.parquet")
+    assert out["id"].to_list() == [str(i) for i in ids]  # CSV columns are text
+    assert out["status"].to_list() == ["ok"] * len(ids)
+    sent = ["10", "11", "100", "101", "102"]
+    for i, response in zip(out["id"].to_list(), out["response"].to_list(), strict=True):
+        if i not in sent:
+            assert response == answers[i], f"row {i} reuses its answer"
+    # A reused answer keeps what it was billed; the run's totals count each answer once.
+    kept = out.filter(~pl.col("id").is_in(sent))
+    assert (kept["attempts"] >= 1).all()
+    before = first.filter(pl.col("id").is_in(kept["id"].implode()))
+    assert kept["cost_usd"].sum() == pytest.approx(before["cost_usd"].sum())
+
+
+def test_rows_that_ask_the_same_share_one_reused_answer_at_no_cost(
+    tmp_path: Path, sim: Server
+) -> None:
+    job = write_job(tmp_path, texts([1, 2]))
+    assert run_job(job, sim).exit_code == 0
+    rewrite(tmp_path / "input.csv", [*texts([1, 2]), {"id": 3, "text": "row 1"}])
+
+    result = run_job(job, sim)
+
+    assert result.exit_code == 0, result.output
+    assert sim.sim.stats.requests == 2
+    out = read_output(tmp_path / "out.parquet")
+    assert out["response"][2] == out["response"][0]
+    assert out["cost_usd"][2] == 0.0, "the copy is not billed again"
+    assert out["cost_usd"][0] > 0.0
+
+
+def test_a_changed_job_and_input_is_still_refused_naming_the_job(
+    tmp_path: Path, sim: Server
+) -> None:
+    job = write_job(tmp_path, texts(list(range(5))))
+    assert run_job(job, sim).exit_code == 0
+    rewrite(tmp_path / "input.csv", texts(list(range(6))))
+    job.write_text(job.read_text().replace("{{ text }}", "Say: {{ text }}"))
+
+    refused = run_job(job, sim)
+    fresh = run_job(job, sim, "--fresh")
+
+    assert refused.exit_code == 2
+    assert "template changed" in refused.output
+    assert sim.sim.stats.requests == 5 + 6, "with --fresh every row is sent"
+    assert fresh.exit_code == 0
+
+
+def test_a_run_stopped_by_limit_then_a_new_input_reuses_what_was_answered(
+    tmp_path: Path, sim: Server
+) -> None:
+    job = write_job(tmp_path, texts(list(range(10))))
+    assert run_job(job, sim, "--limit", "4").exit_code == 0
+    rewrite(tmp_path / "input.csv", texts(list(range(12))))
+
+    result = run_job(job, sim)
+
+    assert result.exit_code == 0, result.output
+    assert sim.sim.stats.requests == 12
+    assert max(sim.sim.stats.by_body.values()) == 1
+    assert read_output(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 12
