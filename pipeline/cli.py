@@ -279,6 +279,7 @@ def status(job: Path, output: Path | None, journal: Path | None) -> None:
             t, flight = checkpoint.totals(), checkpoint.in_flight()
             meta = {k: checkpoint.meta(k) for k in ("last_started", "last_finished", "last_exit")}
             rows, source = int(checkpoint.meta("rows") or 0), checkpoint.meta("input")
+            kept = checkpoint.earlier_answers()
         finally:
             checkpoint.close()
     except (sqlite3.Error, ValueError) as exc:
@@ -298,6 +299,36 @@ def status(job: Path, output: Path | None, journal: Path | None) -> None:
             click.echo(f"last run started {when} and has not finished (running, or killed)")
     if flight.rows:
         click.echo(f"{flight.rows:,} requests in flight with no answer recorded")
+    if kept:
+        click.echo(
+            f"{kept:,} answers kept from earlier inputs, for rows that ask again "
+            f"(`pipeline prune {job}` drops them)"
+        )
+
+
+@main.command()
+@_job
+@click.option("--output", type=click.Path(path_type=Path), help="Output the run wrote to.")
+@click.option("--journal", type=click.Path(path_type=Path), help="Checkpoint file location.")
+@_errors_to_exit
+def prune(job: Path, output: Path | None, journal: Path | None) -> None:
+    """Drop the answers JOB's checkpoint keeps from earlier inputs: those the latest
+    input does not use (its rows hold every answer they reuse)."""
+    spec = apply_options(load_job(job), RunOptions(output=output))
+    path = journal_path(spec.output_path, journal)
+    if not path.is_file():
+        raise JobError(f"no checkpoint at {path}: the job has not run yet (or give --journal)")
+    before = path.stat().st_size
+    checkpoint = Journal.open(path, None, fresh=False, job=spec.name)
+    try:
+        dropped = checkpoint.prune()
+    finally:
+        checkpoint.close()
+    after = path.stat().st_size
+    click.echo(
+        f"{spec.name}: dropped {plural(dropped, 'answer')} kept from earlier inputs; "
+        f"{path} went from {before / 2**20:.1f} to {after / 2**20:.1f} MB"
+    )
 
 
 def _when(timestamp: float) -> str:

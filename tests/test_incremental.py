@@ -7,12 +7,14 @@ Requests are counted at the simulator; outputs are complete and in the input's o
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
-from conftest import Server, read_output, run_job, write_job
+from conftest import Server, invoke, read_output, run_job, write_job
 
 ROWS = 40
 
@@ -125,3 +127,49 @@ def test_a_run_stopped_by_limit_then_a_new_input_reuses_what_was_answered(
     assert sim.sim.stats.requests == 12
     assert max(sim.sim.stats.by_body.values()) == 1
     assert read_output(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * 12
+
+
+def test_status_shows_the_kept_answers_and_prune_drops_them(tmp_path: Path, sim: Server) -> None:
+    job = write_job(tmp_path, texts(list(range(ROWS))))
+    assert run_job(job, sim).exit_code == 0
+    rewrite(tmp_path / "input.csv", texts(list(range(ROWS // 2))))  # half the rows stay
+    assert run_job(job, sim).exit_code == 0
+
+    held = invoke("status", job)
+    pruned = invoke("prune", job)
+    after = invoke("status", job)
+    again = run_job(job, sim)
+
+    assert held.exit_code == 0, held.output
+    assert f"{ROWS} answers kept from earlier inputs" in held.output
+    assert pruned.exit_code == 0, pruned.output
+    assert f"dropped {ROWS} answers" in pruned.output
+    assert "kept from earlier inputs" not in after.output
+    assert again.exit_code == 0, again.output
+    assert sim.sim.stats.requests == ROWS, "the latest input's rows keep their answers"
+    assert read_output(tmp_path / "out.parquet")["status"].to_list() == ["ok"] * (ROWS // 2)
+
+
+def test_prune_before_a_new_input_was_given_its_answers_is_refused(
+    tmp_path: Path, sim: Server
+) -> None:
+    job = write_job(tmp_path, texts(list(range(5))))
+    assert run_job(job, sim).exit_code == 0
+    journal = tmp_path / "out.journal.sqlite"
+    with contextlib.closing(sqlite3.connect(journal)) as db, db:
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('reusing', '1')")  # a pass cut short
+
+    refused = invoke("prune", job)
+
+    assert refused.exit_code == 2, refused.output
+    assert "run the job first" in refused.output
+
+
+def test_prune_without_a_checkpoint_says_so(tmp_path: Path) -> None:
+    job = write_job(tmp_path, texts([1]))
+
+    refused = invoke("prune", job)
+
+    assert refused.exit_code == 2
+    assert "no checkpoint" in refused.output
+    assert not (tmp_path / "out.journal.sqlite").exists()

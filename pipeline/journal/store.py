@@ -214,7 +214,7 @@ class Journal:
     def open(
         cls,
         path: Path,
-        fingerprint: dict[str, str],
+        fingerprint: dict[str, str] | None,
         *,
         fresh: bool,
         job: str | None = None,
@@ -223,7 +223,9 @@ class Journal:
         """Open (or start) the journal for a run: take the lock, check that the file is
         a sound checkpoint of this job, check the fingerprint. `job`: the job's name;
         `inputs`: the fingerprint's parts that name the input, whose change alone is a
-        new input (its rows start over, its requests' answers are kept to reuse)."""
+        new input (its rows start over, its requests' answers are kept to reuse).
+        `fingerprint` None: an existing checkpoint opened to maintain it (`prune`),
+        whatever the job looks like now."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -247,7 +249,10 @@ class Journal:
             journal._check_commits(wal, tables)
             db.executescript(_SCHEMA)
             _add_missing_columns(db)
-            journal._check_fingerprint(fingerprint, inputs)
+            if fingerprint is not None:
+                journal._check_fingerprint(fingerprint, inputs)
+            elif not tables:
+                raise JobError(f"no checkpoint at {path}: the job has not run yet")
             journal.set_aside = set_aside
             journal._claim(job)
             journal._open_tally()
@@ -388,8 +393,27 @@ class Journal:
 
     def earlier_answers(self) -> int:
         """Answers kept from earlier inputs (`reuse` gives them to the rows that ask)."""
-        (n,) = self._reader.execute("SELECT count(*) FROM earlier").fetchone()
+        try:
+            (n,) = self._reader.execute("SELECT count(*) FROM earlier").fetchone()
+        except sqlite3.OperationalError:  # a checkpoint from before inputs changed
+            return 0
         return int(n)
+
+    def prune(self) -> int:
+        """Drop the answers kept from earlier inputs (the latest input's rows hold every
+        one they reuse) and give their space back; return how many went."""
+        if self.reusing:
+            raise JobError(
+                f"the checkpoint {self.path} has a new input whose rows have not all been "
+                "given their earlier answers yet: run the job first, then prune"
+            )
+        dropped = self.earlier_answers()
+        self._commit(lambda db: db.execute("DELETE FROM earlier"))
+        try:
+            self._db.execute("VACUUM")
+        except sqlite3.Error as exc:
+            raise OutputError(f"cannot compact the checkpoint {self.path}: {exc}") from None
+        return dropped
 
     @property
     def reusing(self) -> bool:
