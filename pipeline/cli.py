@@ -135,6 +135,11 @@ def _plan_options(func: F) -> F:
 @click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), help="Budget in USD.")
 @click.option("--fresh", is_flag=True, help="Discard the checkpoint and start over.")
 @click.option("--retry-failed", is_flag=True, help="Send again the rows that failed before.")
+@click.option(
+    "--new-only",
+    is_flag=True,
+    help="Write only the rows this run answered (for append or merge loads).",
+)
 @click.option("--journal", type=click.Path(path_type=Path), help="Checkpoint file location.")
 @_errors_to_exit
 def run(job: Path, input_: Path | None, **flags: Any) -> None:

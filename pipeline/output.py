@@ -73,20 +73,27 @@ def write_output(
     shape: OutputShape,
     prefix: str,
     metadata: Mapping[str, str],
+    only_run: int | None = None,
 ) -> int:
-    """Write the output; return its row count. The old file stays until the new is whole."""
+    """Write the output; return its row count. The old file stays until the new is whole.
+    `only_run`: only the rows that run of the job answered (`--new-only`)."""
     fmt = output_format(path)
-    frames = (_with_results(b, journal, shape, prefix) for b in batches)
+    frames = (_with_results(b, journal, shape, prefix, only_run) for b in batches)
     writer = _write_parquet if fmt == "parquet" else _write_csv
     return atomic_write(path, lambda tmp: writer(tmp, frames, metadata))
 
 
 def output_frame(
-    batches: Iterable[pl.DataFrame], journal: Journal, *, shape: OutputShape, prefix: str
+    batches: Iterable[pl.DataFrame],
+    journal: Journal,
+    *,
+    shape: OutputShape,
+    prefix: str,
+    only_run: int | None = None,
 ) -> pl.DataFrame:
     """The output as one DataFrame in memory (`pipeline.run_frame`): the same columns,
     names and types `write_output` writes to Parquet, built batch by batch the same way."""
-    frames = [_with_results(b, journal, shape, prefix) for b in batches]
+    frames = [_with_results(b, journal, shape, prefix, only_run) for b in batches]
     if not frames:
         raise OutputError("the input has no rows: nothing to return")
     # Every batch has the first one's types, as the Parquet writer casts them to.
@@ -94,10 +101,17 @@ def output_frame(
 
 
 def _with_results(
-    batch: pl.DataFrame, journal: Journal, shape: OutputShape, prefix: str
+    batch: pl.DataFrame,
+    journal: Journal,
+    shape: OutputShape,
+    prefix: str,
+    only_run: int | None = None,
 ) -> pl.DataFrame:
     rows = batch.get_column(ROW_INDEX)
     results = journal.results(int(rows.min() or 0), int(rows.max() or 0))  # type: ignore[arg-type]
+    if only_run is not None:
+        answered = results.filter(pl.col("run") == only_run).get_column("row")
+        batch = batch.filter(pl.col(ROW_INDEX).is_in(answered.implode()))
     return _joined(batch, results, shape, prefix)
 
 
@@ -112,7 +126,12 @@ def _joined(
     aligned = (
         batch.select(ROW_INDEX)
         .join(results, left_on=ROW_INDEX, right_on="row", how="left", maintain_order="left")
-        .with_columns(pl.col("status").fill_null("pending"))
+        .with_columns(
+            pl.col("status").fill_null("pending"),
+            pl.from_epoch((pl.col("answered_at") * 1000).round().cast(pl.Int64), time_unit="ms")
+            .dt.replace_time_zone("UTC")
+            .alias("answered_at"),
+        )
     )
     if shape.answer == "embedding":
         aligned = aligned.with_columns(

@@ -39,6 +39,12 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "latency_ms": pl.Float64(),
     "request_id": pl.String(),
     "model": pl.String(),
+    # When the answer (or the failure) was recorded, in seconds since the epoch (the
+    # output has it as a UTC timestamp), and which run of the job recorded it: a row
+    # reused from an earlier run keeps that run's, so "answered by this run" is
+    # `run == the latest`, what `--new-only` writes.
+    "answered_at": pl.Float64(),
+    "run": pl.Int32(),
 }
 #: Where a JSON answer's fields go, between `response` and the usage columns.
 FIELDS_AFTER = "response"
@@ -67,8 +73,11 @@ class OutputShape:
         return names
 
 
-def to_results(outcome: Outcome, pricer: Pricer) -> list[RowResult]:
-    """The stored result of each row of a request: its answer's columns, its failure's, or both."""
+def to_results(
+    outcome: Outcome, pricer: Pricer, *, answered_at: float | None = None, run: int | None = None
+) -> list[RowResult]:
+    """The stored result of each row of a request: its answer's columns, its failure's, or
+    both; recorded at `answered_at` by the job's run number `run`."""
     failure = outcome.failure
     answers = outcome.answers
     if answers is None and isinstance(failure, ResponseInvalid) and failure.answer is not None:
@@ -83,6 +92,8 @@ def to_results(outcome: Outcome, pricer: Pricer) -> list[RowResult]:
             attempts=outcome.attempts,
             http_status=outcome.http_status,
             latency_ms=outcome.latency_ms,
+            answered_at=answered_at,
+            run=run,
         )
         if failure is not None:
             result.error_type, result.error = failure.kind, failure.message

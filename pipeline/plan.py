@@ -88,6 +88,8 @@ class RunOptions:
     fresh: bool = False
     #: Send again the rows an earlier run recorded as failed.
     retry_failed: bool = False
+    #: Write only the rows this run answered (for append and merge loads).
+    new_only: bool = False
     journal: Path | None = None
     #: USD per million input and output tokens, instead of the job's or genai-prices'.
     price: tuple[float, float] | None = None

@@ -136,6 +136,9 @@ class RowResult:
     latency_ms: float | None = None
     request_id: str | None = None
     model: str | None = None
+    #: When it was recorded (seconds since the epoch), and by which run of the job.
+    answered_at: float | None = None
+    run: int | None = None
     #: The model's tool calls, as JSON: [{"id", "name", "arguments"}].
     tool_calls: str | None = None
 

@@ -212,8 +212,10 @@ async def _send(
     notify: Callable[[str], None],
     host: Host,
 ) -> Sent:
-    """The run on record as started, its notes told, then its requests sent."""
+    """The run on record as started (its number counted), its notes told, then its
+    requests sent."""
     journal.set_meta(
+        runs=str(_run_number(journal) + 1),
         last_started=str(started),
         last_finished="",
         last_exit="",
@@ -272,7 +274,10 @@ async def send_all(
     # resume note's "at most" must hold for text the estimate undercounts (CJK, code).
     bound = ESTIMATE_BOUND if plan.endpoint.exact is not None else 1
     writer = Writer(
-        journal, collect=_collector(plan, dedupe), committed=committed, prompt_bound=bound
+        journal,
+        collect=_collector(plan, dedupe, _run_number(journal)),
+        committed=committed,
+        prompt_bound=bound,
     )
     build = RequestBuilder(plan.provider, base_url, plan.api_key, plan.endpoint)
     requests = Requests(plan, journal, build, dedupe=dedupe, sink=writer, stop=stop)
@@ -313,15 +318,22 @@ def _display(
     return Display(counters, stats, live=host.progress)
 
 
-def _collector(plan: Plan, dedupe: Dedupe | None) -> Callable[[Outcome], list[RowResult]]:
+def _run_number(journal: Journal) -> int:
+    """The job's runs on record in its checkpoint: the one sending now is the latest."""
+    return int(journal.meta("runs") or 0)
+
+
+def _collector(plan: Plan, dedupe: Dedupe | None, run: int) -> Callable[[Outcome], list[RowResult]]:
     """An outcome as its rows' results, at commit time: the files its answers carry
-    saved, priced, the key redacted, and copies for the rows that waited for it."""
+    saved, priced, the key redacted, stamped with the time and the run, and copies for
+    the rows that waited for it."""
 
     def collect(outcome: Outcome) -> list[RowResult]:
         answers = outcome.answers
         if answers is not None and any(a.data is not None for a in answers):
             outcome.answers = save_files(plan.files_dir, outcome.work, answers)
-        results = [redact_result(r, plan.api_key) for r in to_results(outcome, plan.pricer)]
+        stamped = to_results(outcome, plan.pricer, answered_at=time.time(), run=run)
+        results = [redact_result(r, plan.api_key) for r in stamped]
         return dedupe.settle(results) if dedupe is not None else results
 
     return collect
@@ -369,6 +381,7 @@ def _finish(plan: Plan, journal: Journal, sent: Sent, started: float) -> dict[st
         shape=plan.shape,
         prefix=plan.job.output.prefix,
         metadata={f"pipeline.{k}": str(v) for k, v in _provenance(plan).items()},
+        only_run=_run_number(journal) if plan.options.new_only else None,
     )
     summary = _summary(plan, journal, sent, started, output=str(plan.output), rows=written)
     write_bytes_atomic(plan.summary_path, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
@@ -377,7 +390,10 @@ def _finish(plan: Plan, journal: Journal, sent: Sent, started: float) -> dict[st
 
 def _output_frame(plan: Plan, journal: Journal) -> pl.DataFrame:
     batches = limited(plan.source.batches(BATCH_ROWS), plan.options.limit)
-    return output_frame(batches, journal, shape=plan.shape, prefix=plan.job.output.prefix)
+    only_run = _run_number(journal) if plan.options.new_only else None
+    return output_frame(
+        batches, journal, shape=plan.shape, prefix=plan.job.output.prefix, only_run=only_run
+    )
 
 
 def _provenance(plan: Plan) -> dict[str, Any]:

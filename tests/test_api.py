@@ -21,7 +21,7 @@ import pipeline
 from pipeline.parse import RESULT_SCHEMA
 
 #: Columns that differ between two runs of the same rows: timing and the server's ids.
-PER_RUN = ["latency_ms", "request_id"]
+PER_RUN = ["latency_ms", "request_id", "answered_at"]
 REQUEST = {"model": "gpt-4o-mini", "max_tokens": 32}
 TEMPLATE = {"system": "Be brief.", "user": "Say: {{ text }}"}
 LIMITS = {"concurrency": 8, "backoff_s": 0.01, "backoff_max_s": 0.05}

@@ -208,7 +208,7 @@ def test_crash_while_writing_the_output_leaves_the_previous_file_intact(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"], "no temp file left"
 
 
-VOLATILE = ["latency_ms", "request_id"]
+VOLATILE = ["latency_ms", "request_id", "answered_at", "run"]
 
 
 @settings(

@@ -173,3 +173,37 @@ def test_prune_without_a_checkpoint_says_so(tmp_path: Path) -> None:
     assert refused.exit_code == 2
     assert "no checkpoint" in refused.output
     assert not (tmp_path / "out.journal.sqlite").exists()
+
+
+def test_each_row_says_when_it_was_answered_and_by_which_run(tmp_path: Path, sim: Server) -> None:
+    job = write_job(tmp_path, texts(list(range(6))))
+    assert run_job(job, sim).exit_code == 0
+    first = read_output(tmp_path / "out.parquet")
+    rewrite(tmp_path / "input.csv", texts([0, 1, 2, 3, 4, 5, 6, 7], changed=frozenset({2})))
+
+    result = run_job(job, sim)
+
+    assert result.exit_code == 0, result.output
+    out = read_output(tmp_path / "out.parquet")
+    stamp = out.schema["answered_at"]
+    assert isinstance(stamp, pl.Datetime)
+    assert stamp.time_zone == "UTC"
+    assert first["run"].to_list() == [1] * 6
+    assert out["run"].to_list() == [1, 1, 2, 1, 1, 1, 2, 2]
+    kept = out.filter(pl.col("run") == 1)["answered_at"]
+    assert kept.to_list() == first.filter(pl.col("id") != "2")["answered_at"].to_list()
+    assert (out.filter(pl.col("run") == 2)["answered_at"] > first["answered_at"].max()).all()
+
+
+def test_new_only_writes_just_the_rows_this_run_answered(tmp_path: Path, sim: Server) -> None:
+    job = write_job(tmp_path, texts(list(range(6))))
+    assert run_job(job, sim).exit_code == 0
+    rewrite(tmp_path / "input.csv", texts([5, 4, 3, 2, 1, 0, 6], changed=frozenset({4})))
+
+    result = run_job(job, sim, "--new-only")
+
+    assert result.exit_code == 0, result.output
+    out = read_output(tmp_path / "out.parquet")
+    assert out["id"].to_list() == ["4", "6"], "the changed and the new row, in input order"
+    assert out["run"].to_list() == [2, 2]
+    assert out["status"].to_list() == ["ok", "ok"]

@@ -613,8 +613,9 @@ def _close_refused(journal: Journal | None, db: sqlite3.Connection | None) -> No
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     """A journal from an earlier version of the tool gains the columns added since."""
-    have = {name for _, name, *_ in db.execute("PRAGMA table_info(results)")}
     with db:
-        for name, dtype in _OPTIONAL.items():
-            if name not in have:
-                db.execute(f"ALTER TABLE results ADD COLUMN {name} {_sql_type(dtype)}")
+        for table in ("results", "earlier"):
+            have = {name for _, name, *_ in db.execute(f"PRAGMA table_info({table})")}
+            for name, dtype in {**RESULT_SCHEMA, **_OPTIONAL}.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {_sql_type(dtype)}")
