@@ -33,11 +33,12 @@ format: setup
 
 # Reports, no asserts: what the journal costs (bench/journal.py, about a minute), then
 # the scenarios against a script written the usual way and a bare worker pool, the floor
-# (bench/scenarios.py, about ten).
+# (bench/scenarios.py, about ten), then a nightly run: 1M rows answered, then re-exported
+# with 1% new or changed (bench/incremental.py, about three).
 # One of them: `make bench BENCH=scenarios`. Not by default: `make bench BENCH=independent`
 # runs the sample job as a user would against a strict server written apart from
 # pipeline (bench/independent.py, bench/strict_server.py; about six minutes).
-BENCH ?= journal scenarios
+BENCH ?= journal scenarios incremental
 bench: setup
 	@for name in $(BENCH); do $(BIN)/python bench/$$name.py || exit 1; done
 
