@@ -31,6 +31,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from scenarios import JOB
 from simproc import simulator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,20 +43,6 @@ APPENDED = 0.005
 #: Every 1/CHANGED-th row is changed: the row ids that are.
 CHANGED_EVERY = int(1 / CHANGED)
 LIMIT_S = 900.0
-JOB = """\
-[input]
-path = "{input}"
-
-[output]
-path = "{output}"
-
-[request]
-model = "gpt-4o-mini"
-max_tokens = 8
-
-[template]
-user = "{{{{ text }}}}"
-"""
 
 
 def make_tables(first: Path, second: Path, rows: int) -> None:
@@ -123,7 +110,10 @@ def main() -> None:
         table, first, second = tmp / "in.parquet", tmp / "first.parquet", tmp / "second.parquet"
         make_tables(first, second, rows)
         job = tmp / "job.toml"
-        job.write_text(JOB.format(input=table, output=tmp / "out.parquet"), encoding="utf-8")
+        text = JOB.format(
+            input=table, output=tmp / "out.parquet", model="gpt-4o-mini", max_tokens=8
+        )
+        job.write_text(text, encoding="utf-8")
         first.replace(table)
         with simulator(["--latency-ms", "20"], tmp / "sim1.log", cwd=REPO) as url:
             once = run(job, url, tmp / "run1.log")

@@ -32,7 +32,7 @@ from pipeline.plan import (
 from pipeline.progress import plural, summary_table, usd
 from pipeline.redact import env_keys, redact_all
 from pipeline.runner import COMMAND
-from pipeline.spec import load_job
+from pipeline.spec import Job, load_job
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -267,17 +267,32 @@ def estimate_command(job: Path, input_: Path | None, **flags: Any) -> None:
     )
 
 
-@main.command()
-@_job
-@click.option("--output", type=click.Path(path_type=Path), help="Output the run wrote to.")
-@click.option("--journal", type=click.Path(path_type=Path), help="Checkpoint file location.")
-@_errors_to_exit
-def status(job: Path, output: Path | None, journal: Path | None) -> None:
-    """What JOB's checkpoint holds: rows done, failed, pending, cost, the last run."""
+def _checkpoint_options(func: F) -> F:
+    """--output and --journal: where a run of JOB wrote, to find its checkpoint."""
+    func = click.option(
+        "--journal", type=click.Path(path_type=Path), help="Checkpoint file location."
+    )(func)
+    return click.option(
+        "--output", type=click.Path(path_type=Path), help="Output the run wrote to."
+    )(func)
+
+
+def _checkpoint_of(job: Path, output: Path | None, journal: Path | None) -> tuple[Job, Path]:
+    """JOB, and the checkpoint its runs keep (beside the output, or --journal)."""
     spec = apply_options(load_job(job), RunOptions(output=output))
     path = journal_path(spec.output_path, journal)
     if path.is_dir():
         raise JobError(f"{path} is a directory: point --journal at a run's .journal.sqlite file")
+    return spec, path
+
+
+@main.command()
+@_job
+@_checkpoint_options
+@_errors_to_exit
+def status(job: Path, output: Path | None, journal: Path | None) -> None:
+    """What JOB's checkpoint holds: rows done, failed, pending, cost, the last run."""
+    spec, path = _checkpoint_of(job, output, journal)
     try:
         checkpoint = Journal.read(path, job=spec.name)
         try:
@@ -313,14 +328,12 @@ def status(job: Path, output: Path | None, journal: Path | None) -> None:
 
 @main.command()
 @_job
-@click.option("--output", type=click.Path(path_type=Path), help="Output the run wrote to.")
-@click.option("--journal", type=click.Path(path_type=Path), help="Checkpoint file location.")
+@_checkpoint_options
 @_errors_to_exit
 def prune(job: Path, output: Path | None, journal: Path | None) -> None:
     """Drop the answers JOB's checkpoint keeps from earlier inputs: those the latest
     input does not use (its rows hold every answer they reuse)."""
-    spec = apply_options(load_job(job), RunOptions(output=output))
-    path = journal_path(spec.output_path, journal)
+    spec, path = _checkpoint_of(job, output, journal)
     if not path.is_file():
         raise JobError(f"no checkpoint at {path}: the job has not run yet (or give --journal)")
     before = path.stat().st_size
