@@ -139,6 +139,15 @@ _REUSE = (
     "AND NOT EXISTS (SELECT 1 FROM results AS r WHERE r.request_hash = e.request_hash "
     "AND r.status = 'ok' AND r.attempts > 0)"
 )
+#: A shared copy's columns (`dedupe.shared`): not sent for its row, so not billed again.
+_SHARED_AS = {"attempts": "0", "cost_usd": "0.0", "latency_ms": "NULL"}
+# A second row asking what a reused row asks shares its answer, as dedupe would share it
+# during the run; done here, the run need not render the row again.
+_SHARE = (
+    f"INSERT OR IGNORE INTO results ({', '.join(_STORED)}) "
+    f"SELECT ?, {', '.join(_SHARED_AS.get(c, c) for c in _ANSWER)} FROM results "
+    "WHERE request_hash = ? AND status = 'ok' AND attempts > 0 LIMIT 1"
+)
 # A row recorded as sending whose request never left (the run stopped first).
 _UNSEND = f"DELETE FROM results WHERE row = ? AND status = '{SENDING}'"
 _DONE = f"status != '{SENDING}'"
@@ -424,7 +433,7 @@ class Journal:
     def reuse(self, asked: Sequence[tuple[int, int]]) -> int:
         """Give each (row, request hash) the answer an earlier input's request got, as it
         was billed, in one transaction; return how many rows ask what was answered. A
-        row asking what a row before it took is left to share it during the run."""
+        row asking what a row before it took shares it (attempts 0, cost 0)."""
         found: set[int] = set()
         for start in range(0, len(asked), _IN_CHUNK):
             chunk = asked[start : start + _IN_CHUNK]
@@ -435,8 +444,13 @@ class Journal:
             )
             found.update(d for (d,) in cursor)
         rows = [(row, digest) for row, digest in asked if digest in found]
+
+        def give(db: sqlite3.Connection) -> None:
+            db.executemany(_REUSE, rows)
+            db.executemany(_SHARE, rows)  # ignored for the rows _REUSE gave an answer
+
         if rows:
-            self._commit(lambda db: db.executemany(_REUSE, rows))
+            self._commit(give)
         return len(rows)
 
     def reused(self) -> None:
