@@ -80,6 +80,6 @@ def reuse(plan: Plan, journal: Journal) -> Reused:
             sized = sizer.size(row)
             if isinstance(sized, Item):
                 asked.append((index, request_digest(sized.key)))
-        reused += journal.reuse(asked)
+        reused += journal.reuse(asked, share=plan.job.request.dedupe)
     journal.reused()
     return Reused(rows, reused, done_count)

@@ -207,3 +207,20 @@ def test_new_only_writes_just_the_rows_this_run_answered(tmp_path: Path, sim: Se
     assert out["id"].to_list() == ["4", "6"], "the changed and the new row, in input order"
     assert out["run"].to_list() == [2, 2]
     assert out["status"].to_list() == ["ok", "ok"]
+
+
+def test_a_job_with_dedupe_off_sends_a_repeated_request_again_rather_than_share_it(
+    tmp_path: Path, sim: Server
+) -> None:
+    rows = [{"id": 1, "text": "same"}, {"id": 2, "text": "same"}]
+    job = write_job(tmp_path, rows, request={"dedupe": False})
+    assert run_job(job, sim).exit_code == 0
+    assert sim.sim.stats.requests == 2
+    rewrite(tmp_path / "input.csv", rows)
+
+    result = run_job(job, sim)
+
+    assert result.exit_code == 0, result.output
+    # One earlier answer is kept per request: the first row takes it, the second asks.
+    assert sim.sim.stats.requests == 3
+    assert read_output(tmp_path / "out.parquet")["attempts"].to_list() == [1, 1]

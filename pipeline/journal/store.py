@@ -430,10 +430,11 @@ class Journal:
         (`reuse.reuse`): from the open that found the input changed until a pass ends."""
         return self.meta(_REUSING) == "1"
 
-    def reuse(self, asked: Sequence[tuple[int, int]]) -> int:
+    def reuse(self, asked: Sequence[tuple[int, int]], *, share: bool = True) -> int:
         """Give each (row, request hash) the answer an earlier input's request got, as it
         was billed, in one transaction; return how many rows ask what was answered. A
-        row asking what a row before it took shares it (attempts 0, cost 0)."""
+        row asking what a row before it took shares it (attempts 0, cost 0), unless
+        `share` is off (a job with dedupe off sends each identical request)."""
         found: set[int] = set()
         for start in range(0, len(asked), _IN_CHUNK):
             chunk = asked[start : start + _IN_CHUNK]
@@ -447,11 +448,12 @@ class Journal:
 
         def give(db: sqlite3.Connection) -> None:
             db.executemany(_REUSE, rows)
-            db.executemany(_SHARE, rows)  # ignored for the rows _REUSE gave an answer
+            if share:
+                db.executemany(_SHARE, rows)  # ignored for the rows _REUSE gave an answer
 
         if rows:
             self._commit(give)
-        return len(rows)
+        return len(rows) if share else len({digest for _, digest in rows})
 
     def reused(self) -> None:
         """A reuse pass ended: the next start need not run one."""
