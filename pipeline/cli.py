@@ -21,11 +21,14 @@ from pipeline.errors import Interrupted, JobError, PipelineError, RowProblem
 from pipeline.journal import Journal
 from pipeline.output import check_replaceable, recorded_output
 from pipeline.plan import (
+    INPUT_PARTS,
+    Estimate,
     Plan,
     RunOptions,
     apply_options,
     check_rows,
     estimate,
+    fingerprint,
     journal_path,
     make_plan,
 )
@@ -248,7 +251,7 @@ def _show_rows(plan: Plan, shown: int) -> None:
 def estimate_command(job: Path, input_: Path | None, **flags: Any) -> None:
     """Forecast JOB's tokens, cost and duration. Sends nothing."""
     plan = make_plan(load_job(job), RunOptions(input=input_, **flags))
-    e = estimate(plan)
+    e, held = _estimate_beside_checkpoint(plan)
     duration = (
         "no limits set: as fast as the server"
         if e.minutes is None
@@ -262,9 +265,35 @@ def estimate_command(job: Path, input_: Path | None, **flags: Any) -> None:
             ("cost", f"{usd(e.cost_low)} to {usd(e.cost_high)} ({plan.pricer.source})"),
             ("duration", duration),
             ("rejected", f"{e.rejected:,} rows would fail before sending"),
+            *(
+                [("reused", f"{e.reused:,} rows ask what {held} holds answers to: not sent")]
+                if held
+                else []
+            ),
         ],
         sys.stdout,
     )
+
+
+def _estimate_beside_checkpoint(plan: Plan) -> tuple[Estimate, Path | None]:
+    """The estimate of what a run would send now: less the rows the job's checkpoint
+    has done (for the same input), and the rows whose requests it holds answers to
+    (a changed input's reuse). The checkpoint too, if there is one."""
+    path = plan.journal_path
+    if not path.is_file():
+        return estimate(plan), None
+    checkpoint = Journal.read(path, job=plan.job.name)
+    try:
+        done = None
+        if checkpoint.same_input(fingerprint(plan), INPUT_PARTS):
+            failed_too = not plan.options.retry_failed
+
+            def done(first: int, last: int) -> set[int]:
+                return checkpoint.done_rows(first, last, failed_too=failed_too)
+
+        return estimate(plan, done, checkpoint.known), path
+    finally:
+        checkpoint.close()
 
 
 def _checkpoint_options(func: F) -> F:

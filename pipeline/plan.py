@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import polars as pl
 
 from pipeline.bounds import RowSizer
 from pipeline.cost import Pricer, make_pricer
+from pipeline.dedupe import request_digest
 from pipeline.endpoints import Endpoint, Item, Provider, make_endpoint, make_provider
 from pipeline.errors import (
     InputError,
@@ -485,10 +486,10 @@ class _Runaway(Exception):
 
 def _sized_rows(
     plan: Plan, done: Callable[[int, int], set[int]] | None = None
-) -> Iterator[tuple[int, int, str | None]]:
+) -> Iterator[tuple[int, int, str | None, int]]:
     """Each row (up to --limit, less those `done(first, last)` holds) sized by RowSizer,
-    sending nothing: (row, prompt tokens, why it would fail or None). Raises _Runaway
-    once LIMIT_ROWS rows in a row ran past the render limits."""
+    sending nothing: (row, prompt tokens, why it would fail or None, request hash).
+    Raises _Runaway once LIMIT_ROWS rows in a row ran past the render limits."""
     sizer = RowSizer(plan.job, plan.endpoint, plan.renderer)
     for batch in limited(plan.source.batches(BATCH_ROWS), plan.options.limit):
         index = batch.get_column(ROW_INDEX)
@@ -498,9 +499,9 @@ def _sized_rows(
                 continue
             sized = sizer.size(row)
             if isinstance(sized, Item):
-                yield row[ROW_INDEX], sized.tokens, None
+                yield row[ROW_INDEX], sized.tokens, None, request_digest(sized.key)
                 continue
-            yield row[ROW_INDEX], 0, str(sized)
+            yield row[ROW_INDEX], 0, str(sized), 0
             if sizer.runaway_reached:
                 raise _Runaway(sizer.runaway, sizer.last_limit)
 
@@ -510,7 +511,7 @@ def check_rows(plan: Plan) -> RowCheck:
     rows = failing = 0
     first: list[tuple[int, str]] = []
     try:
-        for index, _, problem in _sized_rows(plan):
+        for index, _, problem, _ in _sized_rows(plan):
             rows += 1
             if problem is not None:
                 failing += 1
@@ -539,21 +540,44 @@ class Estimate:
     cost_high: float
     #: Minutes the rate limits allow it to take at best; None with no limits set.
     minutes: float | None
+    #: Rows asking what the checkpoint holds answers to: reused, not sent, not counted.
+    reused: int = 0
 
 
-def estimate(plan: Plan, done: Callable[[int, int], set[int]] | None = None) -> Estimate:
+def estimate(
+    plan: Plan,
+    done: Callable[[int, int], set[int]] | None = None,
+    known: Callable[[Sequence[int]], set[int]] | None = None,
+) -> Estimate:
     """Render every row and add up what the run would cost. Sends nothing.
 
     `done(first, last)`: the rows in [first, last] a checkpoint already holds, left out.
+    `known(hashes)`: the requests a checkpoint holds answers to: rows asking them are
+    reused, not sent, and left out of the cost (`Estimate.reused`).
     """
-    rows = rejected = prompt = 0
+    rows = rejected = prompt = reused = 0
+    waiting: list[tuple[int, int]] = []  # (tokens, hash) of rows not yet looked up
+
+    def look_up() -> None:
+        nonlocal rows, prompt, reused
+        answered = known([digest for _, digest in waiting]) if known else set()
+        for tokens, digest in waiting:
+            if digest in answered:
+                reused += 1
+            else:
+                prompt += tokens
+                rows += 1
+        waiting.clear()
+
     try:
-        for _, tokens, problem in _sized_rows(plan, done):
+        for _, tokens, problem, digest in _sized_rows(plan, done):
             if problem is not None:  # fails before sending: a template error, too big
                 rejected += 1
                 continue
-            prompt += tokens
-            rows += 1
+            waiting.append((tokens, digest))
+            if len(waiting) >= BATCH_ROWS:
+                look_up()
+        look_up()
     except _Runaway as stop:
         raise TemplateError(
             f"{stop.count} rows ran past the render limits, so the template is what to fix "
@@ -575,4 +599,5 @@ def estimate(plan: Plan, done: Callable[[int, int], set[int]] | None = None) -> 
             Usage(prompt_tokens=prompt, completion_tokens=completion), requests
         ),
         minutes=max(bounds) if limits.rpm or limits.tpm else None,
+        reused=reused,
     )

@@ -224,3 +224,25 @@ def test_a_job_with_dedupe_off_sends_a_repeated_request_again_rather_than_share_
     # One earlier answer is kept per request: the first row takes it, the second asks.
     assert sim.sim.stats.requests == 3
     assert read_output(tmp_path / "out.parquet")["attempts"].to_list() == [1, 1]
+
+
+def test_estimate_shows_what_a_changed_input_would_reuse_and_send(
+    tmp_path: Path, sim: Server
+) -> None:
+    job = write_job(tmp_path, texts(list(range(10))))
+    assert run_job(job, sim).exit_code == 0
+    # The same server as the run's: what is sent (max_tokens' name) depends on it.
+    unchanged = invoke("estimate", job, "--base-url", sim.url)
+    rewrite(tmp_path / "input.csv", texts(list(range(12)), changed=frozenset({4})))
+
+    changed = invoke("estimate", job, "--base-url", sim.url)
+
+    assert unchanged.exit_code == 0, unchanged.output
+    assert "estimate for 0 rows" in unchanged.output, "every row is done"
+    assert changed.exit_code == 0, changed.output
+    assert "estimate for 3 rows" in changed.output, "the edited row and the two new ones"
+    assert "9 rows ask what" in changed.output
+    assert sim.sim.stats.requests == 10, "estimate sends nothing"
+    result = run_job(job, sim)
+    assert result.exit_code == 0, result.output
+    assert sim.sim.stats.requests == 13

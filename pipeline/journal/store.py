@@ -402,10 +402,9 @@ class Journal:
 
     def earlier_answers(self) -> int:
         """Answers kept from earlier inputs (`reuse` gives them to the rows that ask)."""
-        try:
-            (n,) = self._reader.execute("SELECT count(*) FROM earlier").fetchone()
-        except sqlite3.OperationalError:  # a checkpoint from before inputs changed
+        if not self._has_earlier():
             return 0
+        (n,) = self._reader.execute("SELECT count(*) FROM earlier").fetchone()
         return int(n)
 
     def prune(self) -> int:
@@ -423,6 +422,35 @@ class Journal:
         except sqlite3.Error as exc:
             raise OutputError(f"cannot compact the checkpoint {self.path}: {exc}") from None
         return dropped
+
+    def same_input(self, fingerprint: dict[str, str], inputs: frozenset[str]) -> bool:
+        """Whether the last run read the input `fingerprint` names (its `inputs` parts
+        unchanged): then its rows are this input's rows, by position."""
+        stored = self.meta("fingerprint")
+        previous: dict[str, str] = orjson.loads(stored) if stored else {}
+        return all(previous.get(k) == fingerprint.get(k) for k in inputs if k in previous)
+
+    def known(self, digests: Sequence[int]) -> set[int]:
+        """Which of these request hashes have an answer a run would reuse: sent `ok`
+        for the last input, or kept from an earlier one (`pipeline estimate`)."""
+        found: set[int] = set()
+        tables = ["results WHERE status = 'ok' AND attempts > 0 AND"]
+        if self._has_earlier():
+            tables.append("earlier WHERE")
+        for start in range(0, len(digests), _IN_CHUNK):
+            chunk = list(digests[start : start + _IN_CHUNK])
+            marks = ", ".join("?" for _ in chunk)
+            for where in tables:
+                cursor = self._reader.execute(
+                    f"SELECT request_hash FROM {where} request_hash IN ({marks})", chunk
+                )
+                found.update(d for (d,) in cursor)
+        return found
+
+    def _has_earlier(self) -> bool:
+        """A checkpoint from before inputs could change has no `earlier` table."""
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'earlier'"
+        return self._reader.execute(query).fetchone() is not None
 
     @property
     def reusing(self) -> bool:
