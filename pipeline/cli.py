@@ -209,6 +209,13 @@ def validate(job: Path, input_: Path | None, shown: int, **flags: Any) -> None:
     checked = check_rows(plan)
     if not checked.failing:
         click.echo(f"\nall {checked.rows:,} rows render")
+        e, held = _estimate_beside_checkpoint(plan) if plan.journal_path.is_file() else (None, None)
+        if e is not None and held is not None:
+            done = max(0, checked.rows - e.rows - e.reused - e.rejected)
+            click.echo(
+                f"a run now would send {plural(e.rows, 'row')}: {e.reused:,} ask what {held} "
+                f"holds answers to, {done:,} are done"
+            )
         return
     click.echo(f"\n{checked.failing:,} of {checked.rows:,} rows would fail before sending:")
     for row, reason in checked.first:

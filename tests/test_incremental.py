@@ -246,3 +246,17 @@ def test_estimate_shows_what_a_changed_input_would_reuse_and_send(
     result = run_job(job, sim)
     assert result.exit_code == 0, result.output
     assert sim.sim.stats.requests == 13
+
+
+def test_validate_says_what_a_run_would_send_now(tmp_path: Path, sim: Server) -> None:
+    job = write_job(tmp_path, texts(list(range(10))))
+    assert run_job(job, sim).exit_code == 0
+    rewrite(tmp_path / "input.csv", texts(list(range(12)), changed=frozenset({4})))
+
+    checked = invoke("validate", job, "--base-url", sim.url)
+
+    assert checked.exit_code == 0, checked.output
+    assert "all 12 rows render" in checked.output
+    assert "a run now would send 3 rows: 9 ask what" in checked.output
+    assert "0 are done" in checked.output
+    assert sim.sim.stats.requests == 10, "validate sends nothing"
