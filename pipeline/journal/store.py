@@ -25,11 +25,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
-from typing import IO, Concatenate, ParamSpec, TypeVar
+from typing import IO, Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 import polars as pl
@@ -129,10 +129,12 @@ _KEEP = (
     f"SELECT {', '.join(_ANSWER)} FROM results "
     "WHERE status = 'ok' AND attempts > 0 AND request_hash IS NOT NULL"
 )
+#: Answers sent for this input (not shared copies, attempts 0), as the index has them.
+_SENT_OK = "results WHERE status = 'ok' AND attempts > 0"
 _FORGET_ROWS = f"DELETE FROM results WHERE status != '{SENDING}'"
 # A row of the new input takes the answer its request got before, as it was billed;
 # not a row recorded as sending (its note comes first), nor a second row asking the
-# same (it shares the first's answer during the run, at no cost, as dedupe does).
+# same (it shares the first's answer, at no cost, as dedupe does: _SHARE).
 _REUSE = (
     f"INSERT OR IGNORE INTO results ({', '.join(_STORED)}) "
     f"SELECT ?, {', '.join(_ANSWER)} FROM earlier AS e WHERE e.request_hash = ? "
@@ -433,19 +435,16 @@ class Journal:
     def known(self, digests: Sequence[int]) -> set[int]:
         """Which of these request hashes have an answer a run would reuse: sent `ok`
         for the last input, or kept from an earlier one (`pipeline estimate`)."""
-        found: set[int] = set()
-        tables = ["results WHERE status = 'ok' AND attempts > 0 AND"]
+        tables = [f"{_SENT_OK} AND"]
         if self._has_earlier():
             tables.append("earlier WHERE")
-        for start in range(0, len(digests), _IN_CHUNK):
-            chunk = list(digests[start : start + _IN_CHUNK])
-            marks = ", ".join("?" for _ in chunk)
-            for where in tables:
-                cursor = self._reader.execute(
-                    f"SELECT request_hash FROM {where} request_hash IN ({marks})", chunk
-                )
-                found.update(d for (d,) in cursor)
-        return found
+        return {
+            digest
+            for where in tables
+            for (digest,) in self._in_chunks(
+                f"SELECT request_hash FROM {where} request_hash IN ({{}})", digests
+            )
+        }
 
     def _has_earlier(self) -> bool:
         """A checkpoint from before inputs could change has no `earlier` table."""
@@ -463,15 +462,8 @@ class Journal:
         was billed, in one transaction; return how many rows ask what was answered. A
         row asking what a row before it took shares it (attempts 0, cost 0), unless
         `share` is off (a job with dedupe off sends each identical request)."""
-        found: set[int] = set()
-        for start in range(0, len(asked), _IN_CHUNK):
-            chunk = asked[start : start + _IN_CHUNK]
-            marks = ", ".join("?" for _ in chunk)
-            cursor = self._reader.execute(
-                f"SELECT request_hash FROM earlier WHERE request_hash IN ({marks})",
-                [digest for _, digest in chunk],
-            )
-            found.update(d for (d,) in cursor)
+        query = "SELECT request_hash FROM earlier WHERE request_hash IN ({})"
+        found = {d for (d,) in self._in_chunks(query, [digest for _, digest in asked])}
         rows = [(row, digest) for row, digest in asked if digest in found]
 
         def give(db: sqlite3.Connection) -> None:
@@ -518,19 +510,16 @@ class Journal:
 
         When it returns, all of it is durable against a crash of this process.
         """
-        try:
-            with self._db:
-                if sending:
-                    self._db.executemany(_SEND, sending)
-                if results:
-                    self._db.executemany(_UPSERT, map(_stored, results))
-                if unsent:
-                    self._db.executemany(_UNSEND, ((row,) for row in unsent))
-                self._db.execute(_COUNT, (str(self._commits + 1),))
-        except sqlite3.Error as exc:
-            raise OutputError(f"cannot write the checkpoint {self.path}: {exc}") from None
-        self._commits += 1
-        self._tell()
+
+        def change(db: sqlite3.Connection) -> None:
+            if sending:
+                db.executemany(_SEND, sending)
+            if results:
+                db.executemany(_UPSERT, map(_stored, results))
+            if unsent:
+                db.executemany(_UNSEND, ((row,) for row in unsent))
+
+        self._commit(change)
 
     def fold_wal(self) -> None:
         """Move the WAL into the database file (SQLite's "WAL checkpoint", the part that
@@ -552,31 +541,25 @@ class Journal:
         """An ok result for each of these request hashes that has one."""
         found: dict[int, RowResult] = {}
         wanted = list(dict.fromkeys(digests))
-        for start in range(0, len(wanted), _IN_CHUNK):
-            chunk = wanted[start : start + _IN_CHUNK]
-            marks = ", ".join("?" for _ in chunk)
-            cursor = self._reader.execute(
-                f"SELECT {', '.join(_STORED)} FROM results "
-                f"WHERE status = 'ok' AND attempts > 0 AND request_hash IN ({marks})",
-                chunk,
-            )
-            for values in cursor:
-                result = RowResult(*values)
-                found.setdefault(int(result.request_hash or 0), result)
+        query = f"SELECT {', '.join(_STORED)} FROM {_SENT_OK} AND request_hash IN ({{}})"
+        for values in self._in_chunks(query, wanted):
+            result = RowResult(*values)
+            found.setdefault(int(result.request_hash or 0), result)
         # An earlier input's answer, for a row the reuse pass left (one that was in
         # flight at a crash): shared, as an answer of this input would be.
         rest = [d for d in wanted if d not in found]
-        for start in range(0, len(rest), _IN_CHUNK):
-            chunk = rest[start : start + _IN_CHUNK]
-            marks = ", ".join("?" for _ in chunk)
-            cursor = self._reader.execute(
-                f"SELECT 0, {', '.join(_ANSWER)} FROM earlier WHERE request_hash IN ({marks})",
-                chunk,
-            )
-            for values in cursor:
-                result = RowResult(*values)
-                found[int(result.request_hash or 0)] = result
+        query = f"SELECT 0, {', '.join(_ANSWER)} FROM earlier WHERE request_hash IN ({{}})"
+        for values in self._in_chunks(query, rest):
+            result = RowResult(*values)
+            found[int(result.request_hash or 0)] = result
         return found
+
+    def _in_chunks(self, query: str, digests: Sequence[int]) -> Iterator[tuple[Any, ...]]:
+        """The rows of `query`, whose `{}` takes the placeholders of a chunk of digests,
+        run over `digests` _IN_CHUNK at a time."""
+        for start in range(0, len(digests), _IN_CHUNK):
+            chunk = list(digests[start : start + _IN_CHUNK])
+            yield from self._reader.execute(query.format(", ".join("?" for _ in chunk)), chunk)
 
     @_reading
     def results(self, first: int, last: int) -> pl.DataFrame:
